@@ -1,0 +1,65 @@
+"""The array module: NumPy on the CPU, CuPy on a GPU. The model and training code are
+written once against `backend.xp`; CuPy is imported only when a GPU is asked for or found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from .errors import DeviceError
+
+
+@dataclass
+class Backend:
+    xp: ModuleType
+    device: str  # "cpu" or "gpu:N"
+
+    @property
+    def name(self) -> str:
+        return self.xp.__name__
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.xp is not np
+
+    def asarray(self, a, dtype=None):
+        """Host array -> device array (a no-op on the CPU)."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        return a.get() if self.is_gpu else np.asarray(a)
+
+    def sync(self) -> None:
+        if self.is_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def _cupy():
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # ImportError, or a CUDA driver/runtime error
+        return None, f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (cupy, n) if n > 0 else (None, "no CUDA device found")
+
+
+def resolve(device: str) -> Backend:
+    """`auto` | `cpu` | `gpu` | `gpu:N` -> a Backend. `auto` takes GPU 0 when CuPy can use it."""
+    if device == "cpu":
+        return Backend(np, "cpu")
+    found = _cupy()
+    if device == "auto":
+        if found[0] is None:
+            return Backend(np, "cpu")
+        device = "gpu:0"
+    if found[0] is None:
+        raise DeviceError(f"device {device}: no usable GPU ({found[1]}); install scoretrain[cuda12] or use device=cpu")
+    cupy, count = found
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= count:
+        raise DeviceError(f"device {device}: only {count} GPU(s) present (gpu:0..gpu:{count - 1})")
+    cupy.cuda.Device(index).use()
+    return Backend(cupy, f"gpu:{index}")

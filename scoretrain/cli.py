@@ -1,0 +1,155 @@
+"""The command line: `scoretrain fit`, `eval` (and friends). Errors a user can cause are
+printed as one line on stderr with a non-zero exit code, never as a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import config as config_mod
+from . import store, train
+from .backend import resolve
+from .errors import ConfigError, ScoretrainError
+from .model import Network, kept_count
+from .progress import Reporter, summary
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find the subnetworks hidden in randomly weighted networks (edge-popup), and train dense baselines.",
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def user_errors(fn):
+    """Turn ScoretrainError into `error: <message>` and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ScoretrainError as e:
+            err_console.print(f"error: {e}", soft_wrap=True, markup=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def fit(
+    config: Optional[Path] = typer.Argument(None, help="Experiment spec (YAML), e.g. configs/mnist_fc.yaml.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, values parsed as YAML: model.k=0.3 model.widths=[784,500,10].", show_default=False),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Run name (a folder under --runs-dir); default: generated, unique."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder that holds the run folders."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its last finished epoch.", show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary."),
+) -> None:
+    """Train a score network (or a dense baseline) and write a run directory."""
+    if resume is not None:
+        if config is not None or overrides:
+            raise ConfigError("--resume takes no config or overrides: a run resumes with the spec it was started with")
+        run_dir = resume
+        run = store.load(run_dir, with_optimizer=True)
+        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+        train.check_resumable(run, run_dir)
+        backend = resolve(cfg.device)
+        dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+        run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="")
+    else:
+        if config is None:
+            raise ConfigError("fit needs a config file (e.g. configs/mnist_fc.yaml) or --resume RUN_DIR")
+        cfg = config_mod.load(config, overrides or [])
+        backend = resolve(cfg.device)
+        dd = train.load_data(cfg, backend)  # before the run folder exists: bad data leaves no empty run
+        stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
+        run_dir = store.create_run_dir(runs_dir, name, stem)
+        store.write_config(run_dir, config_mod.dump(cfg))
+        run = train.new_run(cfg, backend, dd)
+    store.save(run_dir, run)
+    reporter = Reporter(console, quiet)
+    try:
+        train.fit(cfg, run_dir, backend, run, dd, reporter)
+    except train.Interrupted as e:
+        reporter.close()
+        err_console.print(f"interrupted after epoch {run.epochs_done}; resume with: scoretrain fit --resume {run_dir}")
+        raise typer.Exit(128 + e.signum) from None
+    except train.Diverged as e:
+        reporter.close()
+        err_console.print(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept", soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        reporter.close()
+    summary(console, run_dir, run)
+
+
+def measure(run_dir: Path, device: Optional[str]) -> dict:
+    """Re-measure a stored run on its test split with its stored masks."""
+    run = store.load(run_dir)
+    cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+    backend = resolve(device or cfg.device)
+    dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+    xp = backend.xp
+    net = Network(xp, cfg.model.method, cfg.model.k, [xp.asarray(w) for w in run.weights],
+                  None if run.scores is None else [xp.asarray(s) for s in run.scores])
+    w_eff = net.effective_weights()  # masks recomputed from the stored scores
+    masks_ok = None
+    if run.masks is not None:
+        masks_ok = all(bool((backend.to_host(m) == s).all()) and int(s.sum()) == kept_count(run.k, s.size)
+                       for m, s in zip(net.masks, run.masks))
+        w_eff = [w * xp.asarray(m) for w, m in zip(net.weights, run.masks)]  # the stored subnetwork itself
+    loss, acc = train.evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
+    recorded = run.metrics["test_acc"][-1] if run.metrics["test_acc"] else None
+    return {
+        "run": str(run_dir), "status": store.live_status(run), "method": cfg.model.method,
+        "epochs": run.epochs_done, "backend": backend.name, "device": backend.device,
+        "test_samples": len(dd.y_test), "test_loss": loss, "test_acc": acc,
+        "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
+        "masks_match_scores": masks_ok,
+    }
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, gpu or gpu:N (default: the run's)."),
+) -> None:
+    """Reload a run and re-measure its stored network on the test split."""
+    if device is not None:
+        config_mod.validate(config_mod.Config(device=device))
+    result = measure(run_dir, device)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"eval {run_dir}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", f"{result['status']} ({result['epochs']} epochs)")
+    table.add_row("test acc", f"{100 * result['test_acc']:.2f}%  (loss {result['test_loss']:.4f}, {result['test_samples']} samples)")
+    if result["recorded_test_acc"] is not None:
+        same = "reproduced exactly" if result["matches_record"] else "differs"
+        table.add_row("recorded", f"{100 * result['recorded_test_acc']:.2f}%  ({same})")
+    if result["masks_match_scores"] is not None:
+        table.add_row("masks", "match the scores' top-k" if result["masks_match_scores"] else "DIFFER from the scores' top-k")
+    table.add_row("backend", f"{result['backend']} ({result['device']})")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,246 @@
+"""The experiment spec: typed sections, YAML loading, dotted overrides, validation.
+
+Every key has a default here, so the resolved spec written into a run directory
+is complete. Errors are one line naming the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("edge-popup", "dense")
+INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
+SCORE_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant", "step")
+DATASETS = ("mnist", "fashion-mnist", "kmnist")
+DATA_SHAPE = {"mnist": (784, 10), "fashion-mnist": (784, 10), "kmnist": (784, 10)}
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    root: str | None = None  # folder holding the IDX files; None: the repo's data/, then the user cache
+    standardize: bool = True  # subtract the train mean, divide by the train std (inputs scaled to [0, 1])
+    train_samples: int | None = None  # use only the first N training images (None: all)
+    test_samples: int | None = None  # use only the first N test images (None: all)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "edge-popup"  # edge-popup: learn scores, weights frozen; dense: learn the weights
+    widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])
+    k: float = 0.5  # fraction of each layer's weights kept (edge-popup)
+    init: str = "signed_constant"  # weight init
+    scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
+    score_init: str = "kaiming_uniform"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    weight_decay: float = 5e-4  # L2 on the learned tensors (scores for edge-popup)
+    schedule: str = "cosine"  # per-epoch learning-rate schedule
+    warmup_epochs: int = 0  # linear warm-up before the schedule
+    step_size: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | gpu | gpu:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building a Config from plain data -------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    return names.get(tp, str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; return it converted (int -> float, '5e-4' -> float)."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _choice(key: str, value, choices) -> None:
+    _check(value in choices, key, "one of " + ", ".join(choices), value)
+
+
+def validate(cfg: Config) -> Config:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _choice("data.name", d.name, DATASETS)
+    for key in ("train_samples", "test_samples"):
+        v = getattr(d, key)
+        _check(v is None or v > 0, f"data.{key}", "a positive integer or null", v)
+    _choice("model.method", m.method, METHODS)
+    _choice("model.init", m.init, INITS)
+    _choice("model.score_init", m.score_init, SCORE_INITS)
+    _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
+    _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
+    _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
+    n_in, n_out = DATA_SHAPE[d.name]
+    _check(m.widths[0] == n_in, "model.widths[0]", f"{n_in} (the inputs of {d.name})", m.widths[0])
+    _check(m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
+    for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
+        _check(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
+    _check(t.lr > 0, "train.lr", "a positive number", t.lr)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _check(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    _check(0 < t.gamma <= 1, "train.gamma", "a number in (0, 1]", t.gamma)
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", t.warmup_epochs)
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("train.schedule", t.schedule, SCHEDULES)
+    dev = cfg.device
+    ok = dev in ("auto", "cpu", "gpu") or (dev.startswith("gpu:") and dev[4:].isdigit())
+    _check(ok, "device", "auto, cpu, gpu or gpu:N", dev)
+    _check(cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+# --- YAML files and overrides ---------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected key=value, e.g. model.k=0.3")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{override}': expected a dotted key like train.lr")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{override}': the value is not valid YAML") from None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load(path: Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        src = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{src}{e}") from None
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

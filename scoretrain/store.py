@@ -1,0 +1,211 @@
+"""The run directory: `config.yaml` (the resolved spec) and `run.h5` (see docs/run-format.md).
+
+Run directories are created with a single mkdir, so parallel `fit`s never share one and an
+existing run is never overwritten. `run.h5` is only ever replaced whole: each checkpoint is
+written to a temporary file in the same folder, flushed to disk and renamed over the old
+one, so a kill at any moment leaves the previous complete file, and readers never see a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import RunError
+
+FORMAT = "scoretrain-run"
+FORMAT_VERSION = 1
+RUN_FILE = "run.h5"
+CONFIG_FILE = "config.yaml"
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+@dataclass
+class Run:
+    """Everything in run.h5, on the host."""
+
+    attrs: dict  # root attributes: status, seed, backend, input_mean, ...
+    weights: list[np.ndarray]
+    scores: list[np.ndarray] | None = None
+    masks: list[np.ndarray] | None = None
+    k: float = 1.0
+    metrics: dict[str, list] = field(default_factory=lambda: {m: [] for m in METRICS})
+    optimizer: dict | None = None  # {"name", "steps", "slots": {slot: [arrays]}}
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.metrics["epoch"])
+
+
+# --- the directory ----------------------------------------------------------------------------
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
+    """mkdir a new run folder: `name` if given (refused if taken), else `<stem>-<time>-<random>`."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{runs_dir}: cannot create the runs folder ({e.strerror})") from None
+    if name is not None:
+        if not NAME_RE.match(name):
+            raise RunError(f"--name {name!r}: use letters, digits and . _ = + - (no slashes or spaces)")
+        path = runs_dir / name
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise RunError(f"{path}: a run with this name already exists (choose another --name, or --resume it)") from None
+        return path
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for _ in range(100):
+        path = runs_dir / f"{stem}-{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"{runs_dir}: could not find a free run name")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    write_atomic(run_dir / CONFIG_FILE, lambda p: p.write_text(text))
+
+
+def base_attrs(seed: int, backend: str, device: str, mean: float, std: float) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": "running",
+        "created": now(),
+        "updated": now(),
+        "scoretrain_version": __version__,
+        "backend": backend,
+        "device": device,
+        "seed": seed,
+        "input_mean": mean,
+        "input_std": std,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+# --- run.h5 -----------------------------------------------------------------------------------
+
+
+def save(run_dir: Path, run: Run) -> None:
+    run.attrs["updated"] = now()
+    write_atomic(Path(run_dir) / RUN_FILE, lambda p: _write_h5(p, run))
+
+
+def _write_h5(path: Path, run: Run) -> None:
+    with h5py.File(path, "w") as f:
+        for key, value in run.attrs.items():
+            f.attrs[key] = value
+        f.attrs["epochs_done"] = run.epochs_done
+        for i, w in enumerate(run.weights):
+            g = f.create_group(f"layers/{i:02d}")
+            g.create_dataset("weight", data=w.astype(np.float32))
+            if run.scores is not None:
+                g.attrs["k"] = run.k
+                g.create_dataset("scores", data=run.scores[i].astype(np.float32))
+                if run.masks is not None:
+                    g.create_dataset("mask", data=run.masks[i].astype(np.uint8))
+        m = f.create_group("metrics")
+        for key in METRICS:
+            dtype = np.int32 if key == "epoch" else np.float64
+            m.create_dataset(key, data=np.asarray(run.metrics[key], dtype=dtype), maxshape=(None,))
+        if run.optimizer is not None:
+            o = f.create_group("optimizer")
+            o.attrs["name"] = run.optimizer["name"]
+            o.attrs["steps"] = run.optimizer["steps"]
+            for slot, arrays in run.optimizer["slots"].items():
+                for i, a in enumerate(arrays):
+                    o.create_dataset(f"{slot}/{i:02d}", data=a)
+
+
+def load(run_dir: Path, with_optimizer: bool = False) -> Run:
+    """Read a run directory's run.h5, with a one-line RunError for anything that is not a
+    readable run of a format this version knows."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a scoretrain run (no {RUN_FILE})")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return _read_h5(f, path, with_optimizer)
+    except RunError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise RunError(f"{path}: corrupt or truncated run file ({str(e).splitlines()[0]})") from None
+
+
+def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise RunError(f"{path}: not a scoretrain run file (format attribute {attrs.get('format')!r})")
+    version = int(attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise RunError(f"{path}: format_version {version} is newer than this scoretrain ({__version__}) reads ({FORMAT_VERSION}); upgrade scoretrain")
+    layers = [f["layers"][name] for name in sorted(f["layers"])]
+    weights = [g["weight"][()] for g in layers]
+    has_scores = all("scores" in g for g in layers)
+    run = Run(
+        attrs=attrs,
+        weights=weights,
+        scores=[g["scores"][()] for g in layers] if has_scores else None,
+        masks=[g["mask"][()].astype(bool) for g in layers] if has_scores and all("mask" in g for g in layers) else None,
+        k=float(layers[0].attrs["k"]) if has_scores else 1.0,
+        metrics={key: f["metrics"][key][()].tolist() for key in METRICS},
+    )
+    if with_optimizer and "optimizer" in f:
+        o = f["optimizer"]
+        slots = {slot: [o[slot][i][()] for i in sorted(o[slot])] for slot in o}
+        run.optimizer = {"name": o.attrs["name"], "steps": int(o.attrs["steps"]), "slots": slots}
+    return run
+
+
+def live_status(run: Run) -> str:
+    """The recorded status, except that a "running" run whose process is gone (killed with
+    SIGKILL, or its machine rebooted) is reported as "interrupted"."""
+    status = run.attrs.get("status", "unknown")
+    if status == "running" and run.attrs.get("host") == socket.gethostname():
+        try:
+            os.kill(int(run.attrs.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return "interrupted"
+        except (PermissionError, ValueError, OverflowError):
+            pass
+    return status

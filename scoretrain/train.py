@@ -1,0 +1,177 @@
+"""The training loop: data on the device once, one epoch at a time, a checkpoint after each.
+
+The data order of epoch e is a permutation drawn from (seed, e) alone, and the learning rate
+is a function of e, so a run resumed from its last checkpoint continues exactly as the
+uninterrupted run would have. Within an epoch nothing is read back from the device but the
+running loss for the progress display (at most a few times a second).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data, optim, store
+from .backend import Backend
+from .config import Config
+from .errors import RunError
+from .model import Network, cross_entropy, init_network
+
+
+@dataclass
+class DeviceData:
+    x_train: object
+    y_train: object
+    x_test: object
+    y_test: object
+    mean: float
+    std: float
+
+
+def load_data(cfg: Config, backend: Backend, mean: float | None = None, std: float | None = None) -> DeviceData:
+    """Read, standardize and move the dataset to the device, once. `mean`/`std` default to the
+    training set's (a resumed or re-evaluated run passes the ones it recorded)."""
+    d = cfg.data
+    ds = data.load(d.name, d.root)
+    x_train, y_train = ds.x_train[: d.train_samples], ds.y_train[: d.train_samples]
+    x_test, y_test = ds.x_test[: d.test_samples], ds.y_test[: d.test_samples]
+    if mean is None:
+        mean, std = data.standardization(x_train) if d.standardize else (0.0, 1.0)
+    dev = lambda x: backend.asarray(data.to_float(x, mean, std))  # noqa: E731
+    return DeviceData(dev(x_train), backend.asarray(y_train), dev(x_test), backend.asarray(y_test), mean, std)
+
+
+def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of the network with effective weights `w_eff` on (x, y)."""
+    xp = net.xp
+    loss, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
+    for i in range(0, len(y), batch_size):
+        logits, _ = net.forward(x[i : i + batch_size], w_eff)
+        l, c, _ = cross_entropy(xp, logits, y[i : i + batch_size])
+        loss += l
+        correct += c
+    n = len(y)
+    return float(loss) / n, float(correct) / n
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set a flag that the loop checks between batches, so the process never
+    stops in the middle of a checkpoint write."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def check(self):
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+class Diverged(Exception):
+    pass
+
+
+def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter) -> store.Run:
+    """Train from the state in `run` (fresh or resumed) to cfg.train.epochs, checkpointing `run`
+    after every epoch. On a signal, divergence or error the last finished epoch is saved with
+    status "interrupted" or "failed" and the exception is re-raised."""
+    xp, t = backend.xp, cfg.train
+    net = Network(xp, cfg.model.method, cfg.model.k,
+                  [backend.asarray(w) for w in run.weights],
+                  None if run.scores is None else [backend.asarray(s) for s in run.scores])
+    opt = optim.make(xp, net.params, t)
+    if run.optimizer is not None:  # resuming
+        opt.steps = run.optimizer["steps"]
+        for slot, arrays in run.optimizer["slots"].items():
+            for buf, a in zip(opt.state[slot], arrays):
+                buf[...] = backend.asarray(a)
+    reporter.start(run_dir, cfg, backend, run.epochs_done)
+    try:
+        with StopOnSignal() as stop:
+            _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop)
+    except BaseException as e:  # keep the last finished epoch, and say why the run stopped
+        status, message = {Interrupted: ("interrupted", "stopped by a signal"), Diverged: ("failed", str(e))}.get(
+            type(e), ("failed", f"{e.__class__.__name__}: {e}"))
+        run.attrs["status"], run.attrs["message"] = status, message
+        store.save(run_dir, run)
+        raise
+    return run
+
+
+def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop) -> None:
+    xp, t = backend.xp, cfg.train
+    n = len(dd.y_train)
+    n_batches = math.ceil(n / t.batch_size)
+    for epoch in range(run.epochs_done, t.epochs):
+        lr = optim.lr_at(t, epoch)
+        perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
+        loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
+        reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
+        t0 = time.perf_counter()
+        for b in range(n_batches):
+            idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
+            w_eff = net.effective_weights()
+            logits, acts = net.forward(dd.x_train[idx], w_eff)
+            l, c, dlogits = cross_entropy(xp, logits, dd.y_train[idx])
+            opt.step(net.params, net.backward(acts, w_eff, dlogits), lr)
+            loss_sum += l
+            correct += c
+            seen = min(n, (b + 1) * t.batch_size)
+            reporter.batch(b + 1, lambda: (float(loss_sum) / seen, float(correct) / seen))
+            stop.check()
+        backend.sync()
+        seconds = time.perf_counter() - t0
+        train_loss, train_acc = float(loss_sum) / n, float(correct) / n
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss became {train_loss} in epoch {epoch + 1} (learning rate {lr:g} too high?)")
+        w_eff = net.effective_weights()
+        test_loss, test_acc = evaluate(net, w_eff, dd.x_test, dd.y_test, t.eval_batch_size)
+        row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                   test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds)
+        for key, value in row.items():
+            run.metrics[key].append(value)
+        host = lambda arrs: None if arrs is None else [backend.to_host(a) for a in arrs]  # noqa: E731
+        if net.scores is not None:
+            run.scores, run.masks = host(net.scores), host(net.masks)
+        else:
+            run.weights = host(net.weights)
+        run.optimizer = {"name": t.optimizer, "steps": opt.steps,
+                         "slots": {s: host(v) for s, v in opt.state.items()}}
+        if run.epochs_done == t.epochs:
+            run.attrs["status"] = "completed"
+        store.save(run_dir, run)
+        reporter.epoch_end(row)
+
+
+def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
+    """A fresh run: the seed's weights (and scores), no epochs yet."""
+    weights, scores = init_network(cfg.model, cfg.seed)
+    attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std)
+    return store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
+
+
+def check_resumable(run: store.Run, run_dir) -> None:
+    status = store.live_status(run)
+    if status == "completed":
+        raise RunError(f"{run_dir}: the run is already completed ({run.epochs_done} epochs); nothing to resume")
+    if status == "running":
+        raise RunError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); resume it once it has stopped")
