@@ -29,7 +29,8 @@ class Backend:
         return self.xp.asarray(a, dtype=dtype)
 
     def to_host(self, a) -> np.ndarray:
-        return a.get() if self.is_gpu else np.asarray(a)
+        """A host copy (never a view: the device array keeps changing as training goes on)."""
+        return a.get() if self.is_gpu else np.array(a)
 
     def sync(self) -> None:
         if self.is_gpu:

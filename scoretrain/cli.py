@@ -61,12 +61,24 @@ def fit(
         if config is not None or overrides:
             raise ConfigError("--resume takes no config or overrides: a run resumes with the spec it was started with")
         run_dir = resume
-        run = store.load(run_dir, with_optimizer=True)
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-        train.check_resumable(run, run_dir)
-        backend = resolve(cfg.device)
-        dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-        run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="")
+        store.claim(run_dir)  # before reading the status: two resumes of one run cannot both pass the check
+        try:
+            if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
+                cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+                backend = resolve(cfg.device)
+                dd = train.load_data(cfg, backend)
+                run = train.new_run(cfg, backend, dd)
+            else:
+                run = store.load(run_dir, with_optimizer=True)
+                cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+                train.check_resumable(run, run_dir)
+                backend = resolve(cfg.device)
+                dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+                run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="")
+            store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
+        except BaseException:
+            store.release(run_dir)
+            raise
     else:
         if config is None:
             raise ConfigError("fit needs a config file (e.g. configs/mnist_fc.yaml) or --resume RUN_DIR")
@@ -75,22 +87,25 @@ def fit(
         dd = train.load_data(cfg, backend)  # before the run folder exists: bad data leaves no empty run
         stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
         run_dir = store.create_run_dir(runs_dir, name, stem)
+        store.claim(run_dir)  # a --resume of it is refused while this process trains it
         store.write_config(run_dir, config_mod.dump(cfg))
         run = train.new_run(cfg, backend, dd)
-    store.save(run_dir, run)
     reporter = Reporter(console, quiet)
     try:
+        store.save(run_dir, run)
         train.fit(cfg, run_dir, backend, run, dd, reporter)
     except train.Interrupted as e:
         reporter.close()
-        err_console.print(f"interrupted after epoch {run.epochs_done}; resume with: scoretrain fit --resume {run_dir}")
+        err_console.print(f"interrupted after epoch {run.epochs_done}; resume with: scoretrain fit --resume {run_dir}",
+                          soft_wrap=True, markup=False)  # one line, however long the path
         raise typer.Exit(128 + e.signum) from None
     except train.Diverged as e:
         reporter.close()
-        err_console.print(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept", soft_wrap=True)
+        err_console.print(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     finally:
         reporter.close()
+        store.release(run_dir)
     summary(console, run_dir, run)
 
 
@@ -120,6 +135,36 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
     }
 
 
+@app.command()
+@user_errors
+def bench(
+    device: str = typer.Option("auto", "--device", help="auto, cpu, gpu or gpu:N."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer steps per case (a smoke run)."),
+    json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the figures as JSON."),
+) -> None:
+    """Measure seconds per epoch and samples/s of edge-popup and dense training (a benchmark, not a test)."""
+    from . import bench as bench_mod  # only this command needs it
+
+    config_mod.validate(config_mod.Config(device=device))
+    backend = resolve(device)
+    cfg = config_mod.Config(device=device)
+    dd = train.load_data(cfg, backend)
+    main_cases, scaling = bench_mod.plan(quick)
+    results = {"backend": backend.name, "device": backend.device, "host": socket.gethostname(), "main": [], "scaling": []}
+    console.print(f"bench on {backend.name} ({backend.device}); epoch = 60000 MNIST samples", soft_wrap=True)
+    for group, cases in (("main", main_cases), ("scaling", scaling)):
+        for method, widths, batch, steps in cases:
+            r = bench_mod.measure(backend, dd.x_train, dd.y_train, method, widths, batch, steps, min(steps, 30))
+            results[group].append(r)
+            split = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["split"].items())
+            console.print(f"{group:7} {method:10} {'-'.join(map(str, widths)):17} batch {batch:5}  "
+                          f"{r['seconds_per_epoch']:8.3f} s/epoch  {r['samples_per_second']:>11,.0f} samples/s  [{split}]", soft_wrap=True)
+    results["peak_rss_mb"] = bench_mod.peak_rss_mb()
+    console.print(bench_mod.table(results))
+    json_path.write_text(json.dumps(results, indent=1))
+    console.print(f"peak RSS {results['peak_rss_mb']:.0f} MiB; figures written to {json_path}")
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -146,6 +191,66 @@ def eval_(
         table.add_row("masks", "match the scores' top-k" if result["masks_match_scores"] else "DIFFER from the scores' top-k")
     table.add_row("backend", f"{result['backend']} ({result['device']})")
     console.print(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    paths: List[Path] = typer.Argument(..., help="Run directories and/or folders of runs (e.g. runs/), mixed.", show_default=False, metavar="RUN_DIR..."),
+    sort: str = typer.Option("k", "--sort", help="k (default: a K sweep in order of k), name, method, widths, init, epochs, status, best, final or seconds. Accuracies sort best first, the rest ascending; ties by name; runs without the value last."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts (full precision)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows for scripts (full precision)."),
+) -> None:
+    """Compare runs side by side: method, widths, k, epochs, status, best and final test accuracy, s/epoch.
+
+    Reads only run.h5's metrics and attributes (fast, also on runs still training). A run that is
+    not readable is an error (exit 1) when named itself; inside a folder of runs it is listed with
+    status unreadable (the reason in --csv/--json and on stderr), and the others are still shown.
+    """
+    from . import compare as compare_mod
+
+    if as_csv and as_json:
+        raise ConfigError("--csv and --json: choose one")
+    compare_mod.sort_rows([], sort)  # refuses an unknown --sort before any file is read
+    rows = compare_mod.sort_rows(compare_mod.collect(paths), sort)
+    if as_json or as_csv:
+        print(compare_mod.to_json(rows) if as_json else compare_mod.to_csv(rows), end="\n" if as_json else "")
+        return
+    compare_mod.print_table(console, rows)
+    for row in rows:
+        if row["error"]:
+            err_console.print(f"unreadable: {row['error']}", soft_wrap=True, markup=False)
+
+
+# ----------------------------------------------------------------------------- scoretrain data
+
+from . import data as data_mod  # noqa: E402 - kept with the commands that use it
+
+data_app = typer.Typer(no_args_is_help=True, help="Download, verify and list the datasets.")
+
+
+@data_app.command("fetch")
+@user_errors
+def data_fetch(
+    name: str = typer.Argument(..., help=f"The dataset: {', '.join(data_mod.DATASETS)}.", show_default=False),
+    root: Optional[Path] = typer.Option(None, "--root", help="Put the files in ROOT/NAME (default: the repo's data/ if it has them, else the user cache).", show_default=False),
+) -> None:
+    """Download a dataset's files (if they are not here yet) and verify their SHA-256."""
+    folder, report = data_mod.fetch(name, None if root is None else str(root))
+    console.print(f"{name}: {folder}", soft_wrap=True, markup=False)
+    for path, what in report:
+        console.print(f"  {path.name}  {what}", soft_wrap=True, markup=False)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The known datasets and where their files are (not verified: see `data fetch`)."""
+    for name, spec in data_mod.DATASETS.items():
+        here = [base / name for base in (data_mod.REPO_DATA, data_mod.cache_dir()) if data_mod.complete(base / name, spec)]
+        console.print(f"{name:<14} {here[0] if here else 'not downloaded (scoretrain data fetch ' + name + ')'}", soft_wrap=True, markup=False)
+
+
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

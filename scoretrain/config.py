@@ -17,13 +17,15 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("edge-popup", "dense")
+METHODS = ("edge-popup", "dense", "supermask", "biprop")
+ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8")
+K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
-SCORE_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
+SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "step")
-DATASETS = ("mnist", "fashion-mnist", "kmnist")
-DATA_SHAPE = {"mnist": (784, 10), "fashion-mnist": (784, 10), "kmnist": (784, 10)}
+DATASETS = ("mnist", "fashion-mnist", "kmnist", "cifar10")
+DATA_SHAPE = {"mnist": (784, 10), "fashion-mnist": (784, 10), "kmnist": (784, 10), "cifar10": (3072, 10)}
 
 
 @dataclass
@@ -33,13 +35,18 @@ class DataConfig:
     standardize: bool = True  # subtract the train mean, divide by the train std (inputs scaled to [0, 1])
     train_samples: int | None = None  # use only the first N training images (None: all)
     test_samples: int | None = None  # use only the first N test images (None: all)
+    crop_padding: int = 0  # augmentation: random crops of the image zero-padded by this many pixels (0: off)
+    flip: bool = False  # augmentation: random horizontal flips
 
 
 @dataclass
 class ModelConfig:
-    method: str = "edge-popup"  # edge-popup: learn scores, weights frozen; dense: learn the weights
-    widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])
-    k: float = 0.5  # fraction of each layer's weights kept (edge-popup)
+    method: str = "edge-popup"  # edge-popup | biprop | supermask: learn scores, weights frozen; dense: learn the weights
+    arch: str = "mlp"  # mlp (layer widths from `widths`), lenet, conv2, conv4, conv6, conv8
+    widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])  # mlp: inputs, hidden..., classes
+    width: float = 1.0  # conv nets: multiplier of every channel count and hidden width
+    k: float = 0.5  # fraction of the weights kept (edge-popup, biprop)
+    k_scope: str = "layer"  # layer: k of each layer (the paper); global: k of the whole network
     init: str = "signed_constant"  # weight init
     scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
     score_init: str = "kaiming_uniform"
@@ -157,14 +164,18 @@ def validate(cfg: Config) -> Config:
         v = getattr(d, key)
         _check(v is None or v > 0, f"data.{key}", "a positive integer or null", v)
     _choice("model.method", m.method, METHODS)
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("model.k_scope", m.k_scope, K_SCOPES)
+    _check(m.width > 0, "model.width", "a positive number", m.width)
+    _check(d.crop_padding >= 0, "data.crop_padding", "an integer >= 0", d.crop_padding)
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
     _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
     _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
     n_in, n_out = DATA_SHAPE[d.name]
-    _check(m.widths[0] == n_in, "model.widths[0]", f"{n_in} (the inputs of {d.name})", m.widths[0])
-    _check(m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
+    _check(m.arch != "mlp" or m.widths[0] == n_in, "model.widths[0]", f"{n_in} (the inputs of {d.name})", m.widths[0])
+    _check(m.arch != "mlp" or m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
     for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
         _check(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
     _check(t.lr > 0, "train.lr", "a positive number", t.lr)

@@ -28,19 +28,53 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
-def topk_mask(xp, a, k: int):
-    """A bool mask with exactly k True where `a` is largest. Ties at the threshold go to the
-    lowest flat indices, so the mask equals the first k of a stable descending sort."""
+def topk_mask(xp, a, k: int, hint=None, out=None):
+    """A bool mask with exactly k True where `a` (>= 0) is largest, and the threshold used.
+    Ties at the threshold go to the lowest flat indices, so the mask equals the first k of a
+    stable descending sort. `hint` (the last step's threshold) only makes it faster."""
     flat = a.ravel()
     n = flat.size
     if k >= n:
-        return xp.ones(a.shape, dtype=bool)
-    t = xp.partition(flat, n - k)[n - k]  # the k-th largest value
-    mask = flat > t
-    ties = flat == t
-    # Stays on the device (no host sync): keep the first (k - count(mask)) ties.
-    mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))
-    return mask.reshape(a.shape)
+        return xp.ones(a.shape, dtype=bool), None
+    if xp is not np:  # one partition and no host sync: the GPU path
+        t = xp.partition(flat, n - k)[n - k]
+        mask = flat > t
+        ties = flat == t
+        mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
+        return mask.reshape(a.shape), t
+    t, n_gt, n_eq = kth_largest(flat, k, hint)
+    if n_gt + n_eq == k:  # no tie straddles the threshold: one pass
+        mask = np.greater_equal(flat, t, out=None if out is None else out.ravel())
+    else:
+        mask = flat > t
+        mask[np.flatnonzero(flat == t)[: k - n_gt]] = True
+    return mask.reshape(a.shape), t
+
+
+BAND = 0.01  # first try: values within 1% of the hint
+
+
+def kth_largest(flat: np.ndarray, k: int, hint=None) -> tuple[float, int, int]:
+    """The k-th largest value t of `flat`, with count(flat > t) and count(flat == t).
+
+    Scores move little per step, so the new threshold is near the last one: partition only
+    the values in a band around the hint, after checking by a count that the band holds the
+    k-th largest. A miss widens the band; two misses fall back to partitioning everything.
+    """
+    if hint is not None and hint > 0:
+        for r in (BAND, 8 * BAND):
+            lo, hi = hint * (1 - r), hint * (1 + r)
+            above = np.count_nonzero(flat > hi)
+            if above < k:
+                band = flat[(flat >= lo) & (flat <= hi)]
+                if above + band.size >= k:
+                    return _kth(band, k - above, above)
+    return _kth(flat, k, 0)
+
+
+def _kth(values: np.ndarray, k: int, above: int) -> tuple[float, int, int]:
+    t = np.partition(values, values.size - k)[values.size - k]
+    return t, above + np.count_nonzero(values > t), np.count_nonzero(values == t)
 
 
 # --- initialization (on the host, so a seed gives the same network on every backend) ----------
@@ -88,7 +122,8 @@ def init_scores(rng: np.random.Generator, cfg: ModelConfig) -> list[np.ndarray]:
 
 class Network:
     """An MLP of score layers. `params` are the arrays the optimizer updates: the scores for
-    edge-popup, the weights for dense."""
+    edge-popup, the weights for dense. The per-step arrays (|S|, W_eff, gradients) live in
+    buffers allocated once, so a step allocates nothing that grows with the network."""
 
     def __init__(self, xp, method: str, k: float, weights: list, scores: list | None):
         self.xp = xp
@@ -96,20 +131,29 @@ class Network:
         self.k = k
         self.weights = weights
         self.scores = scores if method == "edge-popup" else None
-        self.kept = [kept_count(k, w.size) for w in weights] if self.scores is not None else None
-        self.masks = None  # the masks of the last effective_weights() call
+        self.grads = [xp.empty_like(w) for w in weights]
+        if self.scores is not None:
+            self.kept = [kept_count(k, w.size) for w in weights]
+            self.thresholds = [None] * len(weights)  # last step's, a hint for the next selection
+            self.masks = [xp.empty(w.shape, dtype=bool) for w in weights]
+            self._abs = [xp.empty_like(w) for w in weights]
+            self._sign = [xp.empty_like(w) for w in weights]
+            self._w_eff = [xp.empty_like(w) for w in weights]
 
     @property
     def params(self) -> list:
         return self.scores if self.scores is not None else self.weights
 
     def effective_weights(self) -> list:
-        """W * M(|S|) for each layer (W itself for dense); stores the masks in self.masks."""
+        """W * M(|S|) for each layer (W itself for dense); the masks are kept in self.masks."""
         if self.scores is None:
             return self.weights
         xp = self.xp
-        self.masks = [topk_mask(xp, xp.abs(s), kc) for s, kc in zip(self.scores, self.kept)]
-        return [w * m for w, m in zip(self.weights, self.masks)]
+        for i, (w, s) in enumerate(zip(self.weights, self.scores)):
+            a = xp.abs(s, out=self._abs[i])
+            self.masks[i], self.thresholds[i] = topk_mask(xp, a, self.kept[i], self.thresholds[i], out=self.masks[i])
+            xp.multiply(w, self.masks[i], out=self._w_eff[i])
+        return self._w_eff
 
     def forward(self, x, w_eff: list):
         """Logits, and the inputs of every layer (kept for the backward pass)."""
@@ -118,25 +162,23 @@ class Network:
         for i, w in enumerate(w_eff):
             h = h @ w.T
             if i < len(w_eff) - 1:
-                h = self.xp.maximum(h, 0)
+                self.xp.maximum(h, 0, out=h)  # ReLU, in place: h is this step's own array
                 acts.append(h)
         return h, acts
 
     def backward(self, acts: list, w_eff: list, dlogits) -> list:
-        """Gradients of the loss with respect to `params`, from dL/dlogits."""
+        """Gradients of the loss with respect to `params`, from dL/dlogits (in self.grads)."""
         xp = self.xp
-        grads = [None] * len(w_eff)
         d = dlogits
         for i in reversed(range(len(w_eff))):
-            g = d.T @ acts[i]  # dL/dW_eff, [out, in]
+            g = xp.matmul(d.T, acts[i], out=self.grads[i])  # dL/dW_eff, [out, in]
             if self.scores is not None:
                 g *= self.weights[i]  # straight through the mask ...
-                g *= xp.sign(self.scores[i])  # ... and through |S|
-            grads[i] = g
+                g *= xp.sign(self.scores[i], out=self._sign[i])  # ... and through |S|
             if i > 0:  # no gradient wanted for the data
                 d = d @ w_eff[i]
                 d *= acts[i] > 0  # ReLU
-        return grads
+        return self.grads
 
 
 def cross_entropy(xp, logits, y):

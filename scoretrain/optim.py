@@ -12,22 +12,25 @@ class SGD:
     slots = ("momentum",)
 
     def __init__(self, xp, params: list, cfg: TrainConfig):
+        self.xp = xp
         self.mu, self.nesterov, self.wd = cfg.momentum, cfg.nesterov, cfg.weight_decay
         self.state = {"momentum": [xp.zeros_like(p) for p in params]}
+        self.tmp = [xp.empty_like(p) for p in params]  # scratch, so a step allocates nothing
         self.steps = 0
 
     def step(self, params: list, grads: list, lr: float) -> None:
-        for p, g, buf in zip(params, grads, self.state["momentum"]):
+        mul = self.xp.multiply
+        for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
             if self.wd:
-                g += self.wd * p
+                g += mul(p, self.wd, out=tmp)
             if self.mu:
                 buf *= self.mu
                 buf += g
                 if self.nesterov:
-                    g += self.mu * buf
+                    g += mul(buf, self.mu, out=tmp)
                 else:
                     g = buf
-            p -= lr * g
+            p -= mul(g, lr, out=tmp)
         self.steps += 1
 
 
@@ -38,20 +41,26 @@ class Adam:
         self.xp = xp
         (self.b1, self.b2), self.wd, self.eps = cfg.betas, cfg.weight_decay, 1e-8
         self.state = {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params]}
+        self.tmp = [xp.empty_like(p) for p in params]
         self.steps = 0
 
     def step(self, params: list, grads: list, lr: float) -> None:
+        xp, mul = self.xp, self.xp.multiply
         self.steps += 1
         c1 = 1.0 - self.b1**self.steps
         c2 = 1.0 - self.b2**self.steps
-        for p, g, m, v in zip(params, grads, self.state["m"], self.state["v"]):
+        for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
             if self.wd:
-                g += self.wd * p
+                g += mul(p, self.wd, out=tmp)
             m *= self.b1
-            m += (1.0 - self.b1) * g
+            m += mul(g, 1.0 - self.b1, out=tmp)
             v *= self.b2
-            v += (1.0 - self.b2) * (g * g)
-            p -= (lr / c1) * m / (self.xp.sqrt(v / c2) + self.eps)
+            v += mul(mul(g, g, out=tmp), 1.0 - self.b2, out=tmp)
+            # p -= lr / c1 * m / (sqrt(v / c2) + eps)
+            xp.sqrt(xp.divide(v, c2, out=tmp), out=tmp)
+            tmp += self.eps
+            xp.divide(m, tmp, out=tmp)
+            p -= mul(tmp, lr / c1, out=tmp)
 
 
 def make(xp, params: list, cfg: TrainConfig):

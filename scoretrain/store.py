@@ -23,6 +23,11 @@ import numpy as np
 from . import __version__
 from .errors import RunError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run locks
+    fcntl = None
+
 FORMAT = "scoretrain-run"
 FORMAT_VERSION = 1
 RUN_FILE = "run.h5"
@@ -58,6 +63,8 @@ def now() -> str:
 def create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
     """mkdir a new run folder: `name` if given (refused if taken), else `<stem>-<time>-<random>`."""
     runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise RunError(f"{runs_dir}: --runs-dir must be a folder, but this is a file")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -160,8 +167,11 @@ def load(run_dir: Path, with_optimizer: bool = False) -> Run:
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory")
+        raise RunError(f"{run_dir}: not a run directory (a file)" if run_dir.exists() else f"{run_dir}: no such run directory")
     if not path.is_file():
+        if never_checkpointed(run_dir):
+            raise RunError(f"{run_dir}: the run stopped before its first checkpoint (no {RUN_FILE}); "
+                           f"start it over with: scoretrain fit --resume {run_dir}")
         raise RunError(f"{run_dir}: not a scoretrain run (no {RUN_FILE})")
     try:
         with h5py.File(path, "r", locking=False) as f:
@@ -209,3 +219,86 @@ def live_status(run: Run) -> str:
         except (PermissionError, ValueError, OverflowError):
             pass
     return status
+
+
+def load_summary(run_dir: Path) -> Run:
+    """Read only run.h5's root attributes and /metrics: no weights, scores, masks or optimizer
+    state, so it stays fast on wide nets (`scoretrain compare`). The Run it returns has no
+    weights. Refuses what `load` refuses, with the same one-line RunErrors."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a scoretrain run (no {RUN_FILE})")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise RunError(f"{path}: not a scoretrain run file (format attribute {attrs.get('format')!r})")
+            version = int(attrs.get("format_version", -1))
+            if version > FORMAT_VERSION:
+                raise RunError(f"{path}: format_version {version} is newer than this scoretrain ({__version__}) reads ({FORMAT_VERSION}); upgrade scoretrain")
+            metrics = {key: f["metrics"][key][()].tolist() for key in METRICS}
+    except RunError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise RunError(f"{path}: corrupt or truncated run file ({str(e).splitlines()[0]})") from None
+    return Run(attrs=attrs, weights=[], metrics=metrics)
+
+
+# --- resuming ---------------------------------------------------------------------------------
+
+
+def never_checkpointed(run_dir: Path) -> bool:
+    """A run folder with its config.yaml but no run.h5: `fit` was killed between creating the
+    folder and writing the first checkpoint. `fit --resume` starts it over."""
+    run_dir = Path(run_dir)
+    return (run_dir / CONFIG_FILE).is_file() and not (run_dir / RUN_FILE).exists()
+
+
+_claims: dict[str, int] = {}  # run folders this process trains: real path -> the locked fd
+
+
+def claim(run_dir: Path) -> None:
+    """Lock the run folder for this process: an exclusive flock on the folder itself, which the
+    kernel drops when the process ends however it ends (SIGKILL included), so there is nothing
+    stale to clean up. A second `fit --resume` of the same run is refused while one trains it.
+    Best effort where the file system has no flock; a missing folder is left to load() to report."""
+    key = os.path.realpath(run_dir)
+    if key in _claims or fcntl is None:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(f"{run_dir}: another process is training this run; resume it once it has stopped") from None
+    except OSError:  # no flock here (some network file systems): go on unlocked
+        pass
+    _claims[key] = fd
+
+
+def release(run_dir: Path) -> None:
+    fd = _claims.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files (`.run.h5.<pid>.tmp`, `.config.yaml.<pid>.tmp`) that a writer
+    killed in mid-checkpoint left behind, unless their process is still alive."""
+    for tmp in Path(run_dir).glob(".*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: not ours to delete
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            continue

@@ -41,7 +41,7 @@ def load_data(cfg: Config, backend: Backend, mean: float | None = None, std: flo
     x_test, y_test = ds.x_test[: d.test_samples], ds.y_test[: d.test_samples]
     if mean is None:
         mean, std = data.standardization(x_train) if d.standardize else (0.0, 1.0)
-    dev = lambda x: backend.asarray(data.to_float(x, mean, std))  # noqa: E731
+    dev = lambda x: backend.asarray(data.to_float(x, mean, std).reshape(len(x), -1))  # noqa: E731 - flat for the MLP
     return DeviceData(dev(x_train), backend.asarray(y_train), dev(x_test), backend.asarray(y_test), mean, std)
 
 
@@ -56,6 +56,16 @@ def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, f
         correct += c
     n = len(y)
     return float(loss) / n, float(correct) / n
+
+
+def train_step(net: Network, opt, x, y, lr: float):
+    """One SGD step on a batch: the mask, forward, loss, backward, update. Returns the batch's
+    summed loss and number correct, as device scalars (reading them would sync a GPU)."""
+    w_eff = net.effective_weights()
+    logits, acts = net.forward(x, w_eff)
+    loss_sum, correct, dlogits = cross_entropy(net.xp, logits, y)
+    opt.step(net.params, net.backward(acts, w_eff, dlogits), lr)
+    return loss_sum, correct
 
 
 class Interrupted(Exception):
@@ -95,9 +105,11 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
     after every epoch. On a signal, divergence or error the last finished epoch is saved with
     status "interrupted" or "failed" and the exception is re-raised."""
     xp, t = backend.xp, cfg.train
+    # Copies: training updates the arrays in place, and on the CPU backend.asarray would share
+    # memory with `run`, so the checkpoint saved on an interrupt would hold a half-trained epoch.
     net = Network(xp, cfg.model.method, cfg.model.k,
-                  [backend.asarray(w) for w in run.weights],
-                  None if run.scores is None else [backend.asarray(s) for s in run.scores])
+                  [xp.array(w, copy=True) for w in run.weights],
+                  None if run.scores is None else [xp.array(s, copy=True) for s in run.scores])
     opt = optim.make(xp, net.params, t)
     if run.optimizer is not None:  # resuming
         opt.steps = run.optimizer["steps"]
@@ -105,15 +117,22 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
             for buf, a in zip(opt.state[slot], arrays):
                 buf[...] = backend.asarray(a)
     reporter.start(run_dir, cfg, backend, run.epochs_done)
-    try:
-        with StopOnSignal() as stop:
+    # The handlers stay installed while the final checkpoint is written, so a second Ctrl-C
+    # cannot cut it short; numpy's overflow warnings are silenced because divergence is
+    # detected (and reported in one line) at the end of the epoch.
+    with StopOnSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:
             _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop)
-    except BaseException as e:  # keep the last finished epoch, and say why the run stopped
-        status, message = {Interrupted: ("interrupted", "stopped by a signal"), Diverged: ("failed", str(e))}.get(
-            type(e), ("failed", f"{e.__class__.__name__}: {e}"))
-        run.attrs["status"], run.attrs["message"] = status, message
-        store.save(run_dir, run)
-        raise
+        except BaseException as e:  # keep the last finished epoch, and say why the run stopped
+            if isinstance(e, Interrupted):
+                status, message = "interrupted", f"stopped by {signal.Signals(e.signum).name}"
+            elif isinstance(e, Diverged):
+                status, message = "failed", str(e)
+            else:
+                status, message = "failed", f"{e.__class__.__name__}: {e}"
+            run.attrs["status"], run.attrs["message"] = status, message
+            store.save(run_dir, run)
+            raise
     return run
 
 
@@ -122,6 +141,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
     n = len(dd.y_train)
     n_batches = math.ceil(n / t.batch_size)
     for epoch in range(run.epochs_done, t.epochs):
+        stop.check()  # a signal during the last evaluation or checkpoint: stop before training on
         lr = optim.lr_at(t, epoch)
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
@@ -129,10 +149,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         t0 = time.perf_counter()
         for b in range(n_batches):
             idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
-            w_eff = net.effective_weights()
-            logits, acts = net.forward(dd.x_train[idx], w_eff)
-            l, c, dlogits = cross_entropy(xp, logits, dd.y_train[idx])
-            opt.step(net.params, net.backward(acts, w_eff, dlogits), lr)
+            l, c = train_step(net, opt, dd.x_train[idx], dd.y_train[idx], lr)
             loss_sum += l
             correct += c
             seen = min(n, (b + 1) * t.batch_size)
@@ -143,6 +160,9 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         train_loss, train_acc = float(loss_sum) / n, float(correct) / n
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss became {train_loss} in epoch {epoch + 1} (learning rate {lr:g} too high?)")
+        if not all(bool(xp.isfinite(p).all()) for p in net.params):  # edge-popup's loss stays finite on nan scores
+            what = "scores" if net.scores is not None else "weights"
+            raise Diverged(f"the {what} became nan or inf in epoch {epoch + 1} (learning rate {lr:g} too high?)")
         w_eff = net.effective_weights()
         test_loss, test_acc = evaluate(net, w_eff, dd.x_test, dd.y_test, t.eval_batch_size)
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,

@@ -18,7 +18,7 @@ def stable_topk(a, k):
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 500), (1000, 1), (1000, 999), (1000, 1000), (7919, 2000)])
 def test_topk_matches_sort_on_random_scores(n, k):
     a = np.abs(np.random.default_rng(n + k).standard_normal(n)).astype(np.float32)
-    mask = topk_mask(np, a, k)
+    mask, _ = topk_mask(np, a, k)
     assert mask.sum() == k
     np.testing.assert_array_equal(mask, stable_topk(a, k))
 
@@ -26,13 +26,13 @@ def test_topk_matches_sort_on_random_scores(n, k):
 @pytest.mark.parametrize("k", [1, 5, 50, 333, 600, 999])
 def test_topk_is_exact_and_deterministic_on_tie_heavy_scores(k):
     a = np.random.default_rng(k).integers(0, 4, size=(30, 40)).astype(np.float32)  # 4 distinct values
-    mask = topk_mask(np, a, k)
+    mask, _ = topk_mask(np, a, k)
     assert mask.shape == a.shape and mask.sum() == k
     np.testing.assert_array_equal(mask, stable_topk(a, k))
 
 
 def test_all_equal_scores_keep_the_first_k():
-    mask = topk_mask(np, np.zeros(10, np.float32), 4)
+    mask, _ = topk_mask(np, np.zeros(10, np.float32), 4)
     np.testing.assert_array_equal(mask, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
 
 
@@ -151,3 +151,28 @@ def test_scores_decide_the_mask_not_the_weights():
     net.effective_weights()
     assert net.masks[0][0, :3].all()
     assert not np.array_equal(before[0], net.masks[0])
+
+
+@pytest.mark.parametrize("hint_scale", [None, 0.0, 0.5, 0.99, 1.0, 1.005, 1.05, 2.0, 100.0])
+def test_threshold_hint_changes_speed_never_the_mask(hint_scale):
+    rng = np.random.default_rng(1)
+    for a in (np.abs(rng.standard_normal(20000)).astype(np.float32),
+              rng.integers(0, 50, 20000).astype(np.float32)):  # tie-heavy
+        for k in (1, 137, 10000, 19999):
+            exact = np.sort(a)[::-1][k - 1]
+            hint = None if hint_scale is None else np.float32(exact * hint_scale)
+            mask, t = topk_mask(np, a, k, hint)
+            assert t == exact and mask.sum() == k
+            np.testing.assert_array_equal(mask, stable_topk(a, k))
+
+
+def test_hint_from_the_last_step_stays_exact_as_scores_move():
+    """The training pattern: each step's threshold is the next step's hint."""
+    rng = np.random.default_rng(2)
+    s = rng.uniform(-0.05, 0.05, 50000).astype(np.float32)
+    hint = None
+    for _ in range(30):
+        s += rng.normal(0, 1e-4, s.size).astype(np.float32)
+        a = np.abs(s)
+        mask, hint = topk_mask(np, a, 25000, hint)
+        np.testing.assert_array_equal(mask, stable_topk(a, 25000))

@@ -1,0 +1,129 @@
+"""`scoretrain bench`: seconds per epoch and samples per second of the training step on the
+current backend, edge-popup against dense, with the time split between its phases.
+
+Throughput is timed over consecutive steps with a single device sync at the end, as training
+runs. The phase split is a separate pass that syncs after each phase (slower in total on a GPU,
+but it attributes the time). Epoch time is steps-per-epoch times the measured time per step.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import numpy as np
+
+from . import optim
+from .backend import Backend
+from .config import ModelConfig, TrainConfig
+from .model import Network, cross_entropy, init_network
+from .train import train_step
+
+TRAIN_SAMPLES = 60000  # an MNIST epoch
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, in MiB (Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_used_mb(backend: Backend) -> float | None:
+    return backend.xp.get_default_memory_pool().used_bytes() / 2**20 if backend.is_gpu else None
+
+
+def make(backend: Backend, method: str, widths: list[int], batch: int, k: float = 0.5):
+    cfg = ModelConfig(method=method, widths=widths, k=k)
+    weights, scores = init_network(cfg, seed=0)
+    xp = backend.xp
+    net = Network(xp, method, k, [xp.asarray(w) for w in weights], None if scores is None else [xp.asarray(s) for s in scores])
+    return net, optim.make(xp, net.params, TrainConfig(batch_size=batch))
+
+
+def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, steps: int, split_steps: int) -> dict:
+    xp = backend.xp
+    net, opt = make(backend, method, widths, batch)
+    n = len(y)
+    perm = xp.asarray(np.random.default_rng(0).permutation(n))
+    starts = [(i * batch) % (n - batch + 1) for i in range(steps)]
+    batches = [perm[s : s + batch] for s in starts]
+    for idx in batches[:3]:  # warm-up: first-call costs (BLAS threads, CUDA kernels compiled)
+        train_step(net, opt, x[idx], y[idx], 0.01)
+    backend.sync()
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    for idx in batches:
+        train_step(net, opt, x[idx], y[idx], 0.01)
+    backend.sync()
+    per_step = (time.perf_counter() - t0) / steps
+    rss1 = rss_mb()
+
+    phases = dict(select=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    clock = time.perf_counter
+    for idx in batches[:split_steps]:  # train_step's four phases, each timed to its end
+        xb, yb = x[idx], y[idx]
+        t0 = clock()
+        w_eff = net.effective_weights()
+        backend.sync()
+        t1 = clock()
+        logits, acts = net.forward(xb, w_eff)
+        _, _, dlogits = cross_entropy(xp, logits, yb)
+        backend.sync()
+        t2 = clock()
+        grads = net.backward(acts, w_eff, dlogits)
+        backend.sync()
+        t3 = clock()
+        opt.step(net.params, grads, 0.01)
+        backend.sync()
+        t4 = clock()
+        for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            phases[name] += b - a
+    total = sum(phases.values())
+    return {
+        "method": method, "widths": widths, "batch_size": batch, "steps": steps,
+        "seconds_per_step": per_step,
+        "seconds_per_epoch": per_step * math.ceil(TRAIN_SAMPLES / batch),
+        "samples_per_second": batch / per_step,
+        "split": {k: v / total for k, v in phases.items()},
+        "rss_growth_mb": rss1 - rss0,
+        "gpu_used_mb": gpu_used_mb(backend),
+    }
+
+
+def plan(quick: bool) -> tuple[list, list]:
+    """(main cases, width-scaling cases) as (method, widths, batch, steps)."""
+    small, wide = [784, 250, 250, 10], [784, 2000, 2000, 10]
+    epoch = lambda b: math.ceil(TRAIN_SAMPLES / b)  # noqa: E731
+    main = []
+    for widths in (small, wide):
+        for batch in (128, 1024):
+            steps = epoch(batch) if widths is small else 20
+            main += [(m, widths, batch, 40 if quick else steps) for m in ("edge-popup", "dense")]
+    scaling = [(m, [784, w, w, 10], 128, 20 if quick else 60) for w in (100, 250, 500, 1000, 2000) for m in ("edge-popup", "dense")]
+    return main, scaling
+
+
+def table(results: dict):
+    """Edge-popup against dense, case by case, and the width scaling."""
+    from rich.table import Table
+
+    t = Table(title=f"bench: {results['backend']} ({results['device']})", title_justify="left")
+    for col in ("widths", "batch", "edge-popup s/epoch", "dense s/epoch", "ratio", "edge-popup samples/s", "dense samples/s"):
+        t.add_column(col, justify="right")
+    rows = results["main"] + results["scaling"]
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((tuple(r["widths"]), r["batch_size"]), {})[r["method"]] = r
+    for (widths, batch), p in pairs.items():
+        ep, d = p["edge-popup"], p["dense"]
+        t.add_row("-".join(map(str, widths)), str(batch), f"{ep['seconds_per_epoch']:.3f}", f"{d['seconds_per_epoch']:.3f}",
+                  f"{ep['seconds_per_epoch'] / d['seconds_per_epoch']:.2f}", f"{ep['samples_per_second']:,.0f}", f"{d['samples_per_second']:,.0f}")
+    return t

@@ -1,0 +1,156 @@
+"""`scoretrain compare`: one row per run, side by side, from run directories and folders of runs.
+
+Only run.h5's root attributes and /metrics are read (store.load_summary), never the weight
+arrays, so comparing wide nets stays fast; runs still training can be read at any time
+because run.h5 is replaced atomically (docs/run-format.md).
+
+A path named on the command line must be readable: a missing path, a file, a folder with no
+runs in it, or a broken run directory is a RunError (`error: ...`, exit 1). The run folders
+found inside a folder of runs are only best effort: a broken one becomes a row with status
+`unreadable` and its reason, so that one bad run does not hide the rest of a sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from . import config as config_mod
+from . import store
+from .errors import ConfigError, RunError, ScoretrainError
+
+FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
+          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "error")
+
+# --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
+# Rows without the value (k of a dense run; accuracies before epoch 1) go last, unreadable runs after them.
+SORT_KEYS = {
+    "name": ("name", False), "method": ("method", False), "widths": ("widths", False), "k": ("k", False),
+    "init": ("init", False), "epochs": ("epochs_done", False), "status": ("status", False),
+    "best": ("best_test_acc", True), "final": ("final_test_acc", True), "seconds": ("seconds_per_epoch", False),
+}
+STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "unreadable": "red"}
+
+
+def _is_run_dir(path: Path) -> bool:
+    # config.yaml is written before the first run.h5, so a folder with either is a run (maybe broken)
+    return (path / store.RUN_FILE).exists() or (path / store.CONFIG_FILE).exists()
+
+
+def run_dirs(path: Path) -> tuple[list[Path], bool]:
+    """The run directories a command-line path stands for, and whether it named a run itself."""
+    if not path.exists():
+        raise RunError(f"{path}: no such run directory or folder")
+    if not path.is_dir():
+        raise RunError(f"{path}: not a run directory (give the folder that holds {store.RUN_FILE})")
+    if _is_run_dir(path):
+        return [path], True
+    found = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and _is_run_dir(d))
+    if not found:
+        raise RunError(f"{path}: no runs here (neither a run directory nor a folder of run directories)")
+    return found, False
+
+
+def read_row(run_dir: Path) -> dict:
+    run = store.load_summary(run_dir)
+    try:
+        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+    except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
+        raise RunError(str(e)) from None
+    m, model = run.metrics, cfg.model
+    row = dict.fromkeys(FIELDS)
+    row.update(name=run_dir.name, path=str(run_dir), method=model.method, widths=list(model.widths),
+               k=model.k if model.method == "edge-popup" else None,  # dense keeps every weight: k does not apply
+               init=model.init, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run))
+    if m["epoch"]:
+        best = max(range(len(m["test_acc"])), key=m["test_acc"].__getitem__)  # the first epoch on ties
+        row.update(best_test_acc=m["test_acc"][best], best_epoch=m["epoch"][best], final_test_acc=m["test_acc"][-1],
+                   seconds_per_epoch=sum(m["epoch_seconds"]) / len(m["epoch_seconds"]))
+    return row
+
+
+def collect(paths: list[Path]) -> list[dict]:
+    """Rows for all runs under `paths`, each run once; raises RunError for a bad explicit path."""
+    rows, seen = [], set()
+    for path in paths:
+        dirs, explicit = run_dirs(Path(path))
+        for run_dir in dirs:
+            if run_dir.resolve() in seen:  # `compare runs/ runs/k0.1` lists k0.1 once
+                continue
+            seen.add(run_dir.resolve())
+            try:
+                rows.append(read_row(run_dir))
+            except ScoretrainError as e:
+                if explicit:
+                    raise RunError(str(e)) from None
+                rows.append(dict(dict.fromkeys(FIELDS), name=run_dir.name, path=str(run_dir), status="unreadable", error=str(e)))
+    return rows
+
+
+def sort_rows(rows: list[dict], key: str) -> list[dict]:
+    if key not in SORT_KEYS:
+        raise ConfigError(f"--sort: expected one of {', '.join(SORT_KEYS)}, got {key!r}")
+    field, descending = SORT_KEYS[key]
+    rows = sorted(rows, key=lambda r: (r["name"], r["path"]))  # ties keep this order (sorted is stable)
+    readable = [r for r in rows if r["status"] != "unreadable"]
+    present = [r for r in readable if r[field] is not None]
+    return (sorted(present, key=lambda r: r[field], reverse=descending) + [r for r in readable if r[field] is None]
+            + [r for r in rows if r["status"] == "unreadable"])
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2)
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        widths = row["widths"] and "-".join(map(str, row["widths"]))
+        writer.writerow(dict(row, widths=widths))  # None -> empty cell; floats at full precision (repr)
+    return out.getvalue()
+
+
+def _pct(acc) -> str:
+    return "-" if acc is None else f"{100 * acc:.2f}%"
+
+
+def _cells(r: dict) -> list[str]:
+    if r["status"] == "unreadable":
+        return [r["name"]] + ["-"] * 5 + ["unreadable"] + ["-"] * 3
+    best = "-" if r["best_test_acc"] is None else f"{_pct(r['best_test_acc'])} ({r['best_epoch']})"
+    return [r["name"], r["method"], "-".join(map(str, r["widths"])), "-" if r["k"] is None else f"{r['k']:g}", r["init"],
+            f"{r['epochs_done']}/{r['epochs']}", r["status"], best, _pct(r["final_test_acc"]),
+            "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}"]
+
+
+def table(rows: list[dict]) -> Table:
+    headers = ("run", "method", "widths", "k", "init", "epochs", "status", "best (epoch)", "final", "s/epoch")
+    folding = ("run", "method", "widths", "init")  # on a narrow terminal these wrap; the numbers never shrink to "…"
+    cells = [_cells(r) for r in rows]
+    t = Table(show_edge=False, pad_edge=False)
+    for i, header in enumerate(headers):
+        if header in folding:
+            t.add_column(header, overflow="fold")
+        else:
+            width = max(len(c[i]) for c in [headers, *cells])
+            t.add_column(header, no_wrap=True, min_width=width, justify="right" if i >= 7 else "left")
+    for c in cells:  # Text, not str: shown as they are, never parsed as rich markup
+        t.add_row(*map(Text, c[:6]), Text(c[6], style=STATUS_STYLE.get(c[6], "")), *map(Text, c[7:]))
+    return t
+
+
+def print_table(console: Console, rows: list[dict]) -> None:
+    t = table(rows)
+    if not console.is_terminal:  # a pipe or a file has no width: print the table whole, not squeezed into 80 columns
+        width = Measurement.get(console, console.options.update_width(10_000), t).maximum
+        console = Console(file=console.file, width=width, highlight=False)
+    console.print(t)
