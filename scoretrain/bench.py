@@ -43,9 +43,8 @@ def gpu_used_mb(backend: Backend) -> float | None:
 def make(backend: Backend, method: str, widths: list[int], batch: int, k: float = 0.5):
     cfg = ModelConfig(method=method, widths=widths, k=k)
     weights, scores = init_network(cfg, seed=0)
-    xp = backend.xp
-    net = Network(xp, method, k, [xp.asarray(w) for w in weights], None if scores is None else [xp.asarray(s) for s in scores])
-    return net, optim.make(xp, net.params, TrainConfig(batch_size=batch))
+    net = Network(backend.xp, cfg, weights, scores)
+    return net, optim.make(backend.xp, net.params, TrainConfig(batch_size=batch))
 
 
 def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, steps: int, split_steps: int) -> dict:
@@ -55,6 +54,7 @@ def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, 
     perm = xp.asarray(np.random.default_rng(0).permutation(n))
     starts = [(i * batch) % (n - batch + 1) for i in range(steps)]
     batches = [perm[s : s + batch] for s in starts]
+    x = x.reshape(len(x), 28, 28, 1)
     for idx in batches[:3]:  # warm-up: first-call costs (BLAS threads, CUDA kernels compiled)
         train_step(net, opt, x[idx], y[idx], 0.01)
     backend.sync()
@@ -74,11 +74,11 @@ def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, 
         w_eff = net.effective_weights()
         backend.sync()
         t1 = clock()
-        logits, acts = net.forward(xb, w_eff)
+        logits, caches = net.forward(xb, w_eff)
         _, _, dlogits = cross_entropy(xp, logits, yb)
         backend.sync()
         t2 = clock()
-        grads = net.backward(acts, w_eff, dlogits)
+        grads = net.backward(caches, w_eff, dlogits)
         backend.sync()
         t3 = clock()
         opt.step(net.params, grads, 0.01)

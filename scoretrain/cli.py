@@ -19,7 +19,6 @@ from . import config as config_mod
 from . import store, train
 from .backend import resolve
 from .errors import ConfigError, ScoretrainError
-from .model import Network, kept_count
 from .progress import Reporter, summary
 
 app = typer.Typer(
@@ -115,15 +114,12 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
     cfg = config_mod.load(run_dir / store.CONFIG_FILE)
     backend = resolve(device or cfg.device)
     dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-    xp = backend.xp
-    net = Network(xp, cfg.model.method, cfg.model.k, [xp.asarray(w) for w in run.weights],
-                  None if run.scores is None else [xp.asarray(s) for s in run.scores])
-    w_eff = net.effective_weights()  # masks recomputed from the stored scores
+    net = train.network(cfg, backend, run.weights, run.scores)
+    w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
     masks_ok = None
     if run.masks is not None:
-        masks_ok = all(bool((backend.to_host(m) == s).all()) and int(s.sum()) == kept_count(run.k, s.size)
-                       for m, s in zip(net.masks, run.masks))
-        w_eff = [w * xp.asarray(m) for w, m in zip(net.weights, run.masks)]  # the stored subnetwork itself
+        masks_ok = all(bool((backend.to_host(m) == s).all()) for m, s in zip(net.masks, run.masks))
+        w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself
     loss, acc = train.evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
     recorded = run.metrics["test_acc"][-1] if run.metrics["test_acc"] else None
     return {

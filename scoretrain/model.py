@@ -1,10 +1,13 @@
-"""The score network: frozen random weights, learnable scores, a top-k mask per layer.
+"""The score network: frozen random weights, learnable scores, a mask per layer.
 
-edge-popup (Ramanujan et al. 2020): layer l computes x @ (W * M(|S|)).T, where M keeps the
-round(k * n) weights with the largest |score| and zeroes the rest. The mask is a step
-function, so its gradient is passed straight through: dL/dS = dL/dW_eff * W * sign(S)
-(the gradient of W * |S|, as if the mask were the identity on |S|). No biases; ReLU between
-layers, none after the last. `method: dense` trains W itself: the ordinary network.
+edge-popup (Ramanujan et al. 2020): a weight layer uses W_eff = W * M(|S|), where M keeps the
+round(k * n) weights with the largest |score| (per layer, or over the whole network with
+k_scope: global) and zeroes the rest. The mask is a step function, so its gradient is passed
+straight through: dL/dS = dL/dW_eff * W * sign(S) (the gradient of W * |S|, as if the mask
+were the identity on |S|). No biases; ReLU between layers, none after the last.
+
+Other methods change only how W_eff is made from (W, S) and how dL/dW_eff reaches the
+learned tensor (see METHODS below); the layers never know which method is in use.
 
 All array code is written against `xp` (numpy or cupy).
 """
@@ -24,29 +27,32 @@ RELU_GAIN = math.sqrt(2.0)
 
 
 def kept_count(k: float, n: int) -> int:
-    """How many of a layer's n weights a fraction k keeps: round(k * n), at least one."""
+    """How many of n weights a fraction k keeps: round(k * n), at least one."""
     return max(1, min(n, int(round(k * n))))
 
 
 def topk_mask(xp, a, k: int, hint=None, out=None):
     """A bool mask with exactly k True where `a` (>= 0) is largest, and the threshold used.
     Ties at the threshold go to the lowest flat indices, so the mask equals the first k of a
-    stable descending sort. `hint` (the last step's threshold) only makes it faster."""
+    stable descending sort. `hint` (the last step's threshold) only makes it faster. With
+    `out` (a bool array of a's shape) the mask is written there."""
     flat = a.ravel()
     n = flat.size
+    mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
     if k >= n:
-        return xp.ones(a.shape, dtype=bool), None
+        mask[...] = True
+        return mask.reshape(a.shape), None
     if xp is not np:  # one partition and no host sync: the GPU path
         t = xp.partition(flat, n - k)[n - k]
-        mask = flat > t
         ties = flat == t
+        xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
         return mask.reshape(a.shape), t
     t, n_gt, n_eq = kth_largest(flat, k, hint)
     if n_gt + n_eq == k:  # no tie straddles the threshold: one pass
-        mask = np.greater_equal(flat, t, out=None if out is None else out.ravel())
+        np.greater_equal(flat, t, out=mask)
     else:
-        mask = flat > t
+        np.greater(flat, t, out=mask)
         mask[np.flatnonzero(flat == t)[: k - n_gt]] = True
     return mask.reshape(a.shape), t
 
@@ -77,111 +83,336 @@ def _kth(values: np.ndarray, k: int, above: int) -> tuple[float, int, int]:
     return t, above + np.count_nonzero(values > t), np.count_nonzero(values == t)
 
 
+# --- layers -----------------------------------------------------------------------------------
+# Weight layers: forward(x, w) -> (y, cache); backward(d, cache, w, gw, need_dx) -> dx, with
+# dL/dW written into gw. Other layers: forward(x) -> (y, cache); backward(d, cache) -> dx.
+# Images are channels-last, [N, H, W, C]; conv weights are [out, kh, kw, in].
+
+
+class Linear:
+    kind = "linear"
+
+    def __init__(self, xp, n_in: int, n_out: int):
+        self.xp, self.shape, self.fan_in = xp, (n_out, n_in), n_in
+
+    def forward(self, x, w):
+        return x @ w.T, x
+
+    def backward(self, d, x, w, gw, need_dx):
+        self.xp.matmul(d.T, x, out=gw)
+        return d @ w if need_dx else None
+
+
+class Conv2d:
+    """A k x k convolution, stride 1, zero 'same' padding, as one GEMM over im2col patches."""
+
+    kind = "conv"
+
+    def __init__(self, xp, c_in: int, c_out: int, k: int):
+        self.xp, self.shape, self.fan_in = xp, (c_out, k, k, c_in), c_in * k * k
+        self.k, self.pad = k, k // 2
+
+    def forward(self, x, w):
+        xp, k, p = self.xp, self.k, self.pad
+        n, h, wd, c = x.shape
+        padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
+        padded[:, p : p + h, p : p + wd] = x
+        cols = xp.empty((n, h, wd, k, k, c), dtype=x.dtype)
+        for i in range(k):  # k*k strided copies: the same code on numpy and cupy
+            for j in range(k):
+                cols[:, :, :, i, j] = padded[:, i : i + h, j : j + wd]
+        cols = cols.reshape(n * h * wd, k * k * c)
+        y = cols @ w.reshape(len(w), -1).T
+        return y.reshape(n, h, wd, len(w)), (cols, x.shape)
+
+    def backward(self, d, cache, w, gw, need_dx):
+        xp, k, p = self.xp, self.k, self.pad
+        cols, (n, h, wd, c) = cache
+        d2 = d.reshape(-1, len(w))
+        xp.matmul(d2.T, cols, out=gw.reshape(len(w), -1))
+        if not need_dx:
+            return None
+        dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, h, wd, k, k, c)
+        dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
+        for i in range(k):  # col2im: each patch adds its gradient back where it was read
+            for j in range(k):
+                dx[:, i : i + h, j : j + wd] += dcols[:, :, :, i, j]
+        return dx[:, p : p + h, p : p + wd]
+
+
+class ReLU:
+    def __init__(self, xp):
+        self.xp = xp
+
+    def forward(self, x):
+        y = self.xp.maximum(x, 0, out=x)  # in place: x is always the previous layer's own output
+        return y, y
+
+    def backward(self, d, y):
+        return d * (y > 0)
+
+
+class MaxPool2d:
+    """2 x 2 max pooling, stride 2 (an odd last row/column is dropped, as in PyTorch)."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def forward(self, x):
+        n, h, w, c = x.shape
+        h2, w2 = h // 2, w // 2
+        win = x[:, : 2 * h2, : 2 * w2].reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h2, w2, c, 4)
+        return win.max(axis=-1), (win.argmax(axis=-1), x.shape)
+
+    def backward(self, d, cache):
+        xp = self.xp
+        arg, (n, h, w, c) = cache
+        h2, w2 = h // 2, w // 2
+        g = (arg[..., None] == xp.arange(4)) * d[..., None]  # the gradient goes to the max only
+        g = g.reshape(n, h2, w2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, 2 * h2, 2 * w2, c)
+        if (2 * h2, 2 * w2) == (h, w):
+            return g
+        dx = xp.zeros((n, h, w, c), dtype=d.dtype)
+        dx[:, : 2 * h2, : 2 * w2] = g
+        return dx
+
+
+class Flatten:
+    def forward(self, x):
+        return x.reshape(len(x), -1), x.shape
+
+    def backward(self, d, shape):
+        return d.reshape(shape)
+
+
+# The VGG-like nets of the lottery-ticket and edge-popup papers (3x3 convs, 'M' = 2x2 max
+# pool, then fully connected layers), and a LeNet-style net (5x5 convs) for MNIST.
+ARCHS = {
+    "conv2": (3, [64, 64, "M"], [256, 256]),
+    "conv4": (3, [64, 64, "M", 128, 128, "M"], [256, 256]),
+    "conv6": (3, [64, 64, "M", 128, 128, "M", 256, 256, "M"], [256, 256]),
+    "conv8": (3, [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"], [256, 256]),
+    "lenet": (5, [32, "M", 64, "M"], [512]),
+}
+
+
+def build_layers(xp, cfg: ModelConfig, image_shape: tuple[int, int, int], n_classes: int) -> list:
+    """The layer list of `cfg.arch` for [N, H, W, C] inputs. `mlp` takes its widths from
+    cfg.widths; the conv nets scale every channel count and hidden width by cfg.width."""
+    h, w, c = image_shape
+    layers = []
+    if cfg.arch == "mlp":
+        widths = cfg.widths
+    else:
+        k, convs, fcs = ARCHS[cfg.arch]
+        scale = lambda n: max(1, int(round(n * cfg.width)))  # noqa: E731
+        for item in convs:
+            if item == "M":
+                layers.append(MaxPool2d(xp))
+                h, w = h // 2, w // 2
+            else:
+                layers += [Conv2d(xp, c, scale(item), k), ReLU(xp)]
+                c = scale(item)
+        widths = [h * w * c] + [scale(n) for n in fcs] + [n_classes]
+    layers.append(Flatten())
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(Linear(xp, n_in, n_out))
+        if i < len(widths) - 2:
+            layers.append(ReLU(xp))
+    return layers
+
+
 # --- initialization (on the host, so a seed gives the same network on every backend) ----------
 
 
-def init_weights(rng: np.random.Generator, cfg: ModelConfig) -> list[np.ndarray]:
-    weights = []
-    for fan_in, fan_out in zip(cfg.widths[:-1], cfg.widths[1:]):
-        fan = fan_in * cfg.k if cfg.scale_fan else fan_in
-        std = RELU_GAIN / math.sqrt(fan)
-        shape = (fan_out, fan_in)
-        if cfg.init == "signed_constant":
-            w = np.where(rng.random(shape) < 0.5, -std, std)
-        elif cfg.init == "kaiming_normal":
-            w = rng.standard_normal(shape) * std
-        else:  # kaiming_uniform
-            w = rng.uniform(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, shape)
-        weights.append(w.astype(np.float32))
-    return weights
-
-
-def init_network(cfg: ModelConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Host float32 weights (and scores for edge-popup) for a seed. The weights are drawn first,
-    so edge-popup and dense runs of one seed start from the same random network."""
+def init_network(cfg: ModelConfig, seed: int, image_shape=(28, 28, 1), n_classes: int = 10):
+    """Host float32 weights (and scores, for the methods that learn them) for a seed. The
+    weights are drawn first, so every method of one seed starts from the same random network."""
     rng = np.random.default_rng(seed)
-    weights = init_weights(rng, cfg)
-    return weights, (init_scores(rng, cfg) if cfg.method == "edge-popup" else None)
-
-
-def init_scores(rng: np.random.Generator, cfg: ModelConfig) -> list[np.ndarray]:
+    weighted = [l for l in build_layers(np, cfg, image_shape, n_classes) if hasattr(l, "shape")]
+    weights = []
+    for layer in weighted:
+        fan = layer.fan_in * cfg.k if cfg.scale_fan else layer.fan_in
+        std = RELU_GAIN / math.sqrt(fan)
+        if cfg.init == "signed_constant":
+            w = np.where(rng.random(layer.shape) < 0.5, -std, std)
+        elif cfg.init == "kaiming_normal":
+            w = rng.standard_normal(layer.shape) * std
+        else:  # kaiming_uniform
+            w = rng.uniform(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, layer.shape)
+        weights.append(w.astype(np.float32))
+    if cfg.method == "dense":
+        return weights, None
     scores = []
-    for fan_in, fan_out in zip(cfg.widths[:-1], cfg.widths[1:]):
-        shape = (fan_out, fan_in)
-        if cfg.score_init == "kaiming_uniform":  # PyTorch's default Linear init, as the reference code
-            bound = 1.0 / math.sqrt(fan_in)
-            s = rng.uniform(-bound, bound, shape)
+    for layer in weighted:
+        if cfg.score_init == "kaiming_uniform":  # PyTorch's default layer init, as the reference code
+            bound = 1.0 / math.sqrt(layer.fan_in)
+            s = rng.uniform(-bound, bound, layer.shape)
         else:  # kaiming_normal
-            s = rng.standard_normal(shape) * (RELU_GAIN / math.sqrt(fan_in))
+            s = rng.standard_normal(layer.shape) * (RELU_GAIN / math.sqrt(layer.fan_in))
         scores.append(s.astype(np.float32))
-    return scores
+    return weights, scores
 
 
 # --- the network ------------------------------------------------------------------------------
 
 
-class Network:
-    """An MLP of score layers. `params` are the arrays the optimizer updates: the scores for
-    edge-popup, the weights for dense. The per-step arrays (|S|, W_eff, gradients) live in
-    buffers allocated once, so a step allocates nothing that grows with the network."""
+def _views(flat, shapes: list) -> list:
+    out, at = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[at : at + n].reshape(shape))
+        at += n
+    return out
 
-    def __init__(self, xp, method: str, k: float, weights: list, scores: list | None):
-        self.xp = xp
-        self.method = method
-        self.k = k
-        self.weights = weights
-        self.scores = scores if method == "edge-popup" else None
-        self.grads = [xp.empty_like(w) for w in weights]
-        if self.scores is not None:
-            self.kept = [kept_count(k, w.size) for w in weights]
-            self.thresholds = [None] * len(weights)  # last step's, a hint for the next selection
-            self.masks = [xp.empty(w.shape, dtype=bool) for w in weights]
-            self._abs = [xp.empty_like(w) for w in weights]
-            self._sign = [xp.empty_like(w) for w in weights]
-            self._w_eff = [xp.empty_like(w) for w in weights]
+
+class Network:
+    """The layers, the frozen or learned tensors, and the method that turns them into the
+    effective weights W_eff and carries dL/dW_eff back to the learned tensor.
+
+    Each kind of tensor (weights, scores, masks, gradients, W_eff) is one flat device buffer,
+    with a view per layer: the optimizer updates one array, a global top-k is one selection,
+    and a step allocates nothing that grows with the network."""
+
+    def __init__(self, xp, cfg: ModelConfig, weights: list, scores: list | None,
+                 image_shape=(28, 28, 1), n_classes: int = 10):
+        self.xp, self.method, self.k = xp, cfg.method, cfg.k
+        self.layers = build_layers(xp, cfg, image_shape, n_classes)
+        self.weighted = [i for i, l in enumerate(self.layers) if hasattr(l, "shape")]
+        shapes = [self.layers[i].shape for i in self.weighted]
+        flat = lambda arrays: xp.concatenate([xp.asarray(a).ravel() for a in arrays])  # noqa: E731 - a device copy
+        self.w_flat = flat(weights)
+        self.weights = _views(self.w_flat, shapes)
+        self.g_flat = xp.empty_like(self.w_flat)
+        self.grads = _views(self.g_flat, shapes)
+        self.scores = self.masks = None
+        if self.method == "dense":
+            return
+        self.s_flat = flat(scores)
+        self.scores = _views(self.s_flat, shapes)
+        self.m_flat = xp.empty(self.w_flat.shape, dtype=bool)
+        self.masks = _views(self.m_flat, shapes)
+        self.we_flat = xp.empty_like(self.w_flat)
+        self.w_eff = _views(self.we_flat, shapes)
+        self._tmp = xp.empty_like(self.w_flat)
+        sizes = [int(np.prod(s)) for s in shapes]
+        ends = np.cumsum(sizes).tolist()
+        bounds = list(zip([0] + ends[:-1], ends))
+        self.groups = [(0, ends[-1])] if cfg.k_scope == "global" else bounds  # one top-k per group
+        self.kept = [kept_count(cfg.k, hi - lo) for lo, hi in self.groups]
+        self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
+        self.layer_bounds = bounds
+        if self.method == "biprop":
+            self.w_sign = xp.sign(self.w_flat)
+            self.w_abs = xp.abs(self.w_flat)
+            self.alphas = [None] * len(shapes)
+        self.rng = None  # supermask: a Generator set by reseed() at each epoch
 
     @property
     def params(self) -> list:
-        return self.scores if self.scores is not None else self.weights
+        """What the optimizer updates: one flat tensor."""
+        return [self.w_flat if self.method == "dense" else self.s_flat]
 
-    def effective_weights(self) -> list:
-        """W * M(|S|) for each layer (W itself for dense); the masks are kept in self.masks."""
-        if self.scores is None:
+    def reseed(self, seed: int, epoch: int) -> None:
+        """The supermask's sampling stream for an epoch: a function of (seed, epoch) only, so a
+        resumed run samples the same masks."""
+        if self.method == "supermask":
+            self.rng = self.xp.random.default_rng(int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0]))
+
+    def effective_weights(self, train: bool = True) -> list:
+        """W_eff per layer (views of one buffer); the masks are kept in self.masks."""
+        if self.method == "dense":
             return self.weights
+        self._select(train)
+        return self._combine()
+
+    def subnetwork(self, masks: list) -> list:
+        """W_eff for given masks (a stored run's), instead of the scores' own."""
+        for buf, m in zip(self.masks, masks):
+            buf[...] = self.xp.asarray(m)
+        return self._combine()
+
+    def _select(self, train: bool) -> None:
         xp = self.xp
-        for i, (w, s) in enumerate(zip(self.weights, self.scores)):
-            a = xp.abs(s, out=self._abs[i])
-            self.masks[i], self.thresholds[i] = topk_mask(xp, a, self.kept[i], self.thresholds[i], out=self.masks[i])
-            xp.multiply(w, self.masks[i], out=self._w_eff[i])
-        return self._w_eff
+        if self.method == "supermask":
+            # Zhou et al.: M ~ Bernoulli(sigmoid(S)) while training; the most likely mask
+            # (sigmoid(S) > 0.5, i.e. S > 0) when measuring.
+            if train:
+                if self.rng is None:
+                    self.reseed(0, 0)
+                u = self.rng.random(self.s_flat.shape, dtype=np.float32)
+                xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
+            else:
+                xp.greater(self.s_flat, 0, out=self.m_flat)
+        else:  # edge-popup, biprop: exact top-k of |S| per group
+            a = xp.abs(self.s_flat, out=self._tmp)
+            for g, (lo, hi) in enumerate(self.groups):
+                _, self.thresholds[g] = topk_mask(xp, a[lo:hi], self.kept[g], self.thresholds[g], out=self.m_flat[lo:hi])
+
+    def _combine(self) -> list:
+        xp = self.xp
+        if self.method == "biprop":
+            # Diffenderfer & Kailkhura: W_eff = alpha * sign(W) * M, alpha = mean |W| of the kept
+            for i, (lo, hi) in enumerate(self.layer_bounds):
+                m = self.m_flat[lo:hi]
+                self.alphas[i] = (self.w_abs[lo:hi] * m).sum() / xp.maximum(m.sum(), 1)
+                xp.multiply(self.w_sign[lo:hi], m, out=self.we_flat[lo:hi])
+                self.we_flat[lo:hi] *= self.alphas[i]
+        else:
+            xp.multiply(self.w_flat, self.m_flat, out=self.we_flat)
+        return self.w_eff
 
     def forward(self, x, w_eff: list):
-        """Logits, and the inputs of every layer (kept for the backward pass)."""
-        acts = [x]
-        h = x
-        for i, w in enumerate(w_eff):
-            h = h @ w.T
-            if i < len(w_eff) - 1:
-                self.xp.maximum(h, 0, out=h)  # ReLU, in place: h is this step's own array
-                acts.append(h)
-        return h, acts
+        """Logits, and what each layer keeps for the backward pass."""
+        caches, wi = [], 0
+        for layer in self.layers:
+            if hasattr(layer, "shape"):
+                x, cache = layer.forward(x, w_eff[wi])
+                wi += 1
+            else:
+                x, cache = layer.forward(x)
+            caches.append(cache)
+        return x, caches
 
-    def backward(self, acts: list, w_eff: list, dlogits) -> list:
-        """Gradients of the loss with respect to `params`, from dL/dlogits (in self.grads)."""
+    def backward(self, caches: list, w_eff: list, dlogits) -> list:
+        """Gradients of the loss with respect to `params`, from dL/dlogits."""
+        d, wi = dlogits, len(self.weighted) - 1
+        for i in reversed(range(self.weighted[0], len(self.layers))):
+            layer = self.layers[i]
+            if hasattr(layer, "shape"):
+                d = layer.backward(d, caches[i], w_eff[wi], self.grads[wi], need_dx=i > self.weighted[0])
+                wi -= 1
+            else:
+                d = layer.backward(d, caches[i])
+        self._to_learned(self.g_flat)
+        return [self.g_flat]
+
+    def _to_learned(self, g) -> None:
+        """dL/dW_eff -> dL/d(learned tensor), in place: straight through the mask."""
         xp = self.xp
-        d = dlogits
-        for i in reversed(range(len(w_eff))):
-            g = xp.matmul(d.T, acts[i], out=self.grads[i])  # dL/dW_eff, [out, in]
-            if self.scores is not None:
-                g *= self.weights[i]  # straight through the mask ...
-                g *= xp.sign(self.scores[i], out=self._sign[i])  # ... and through |S|
-            if i > 0:  # no gradient wanted for the data
-                d = d @ w_eff[i]
-                d *= acts[i] > 0  # ReLU
-        return self.grads
+        if self.method == "edge-popup":  # W_eff = W * M(|S|) ~ W * |S|
+            g *= self.w_flat
+            g *= xp.sign(self.s_flat, out=self._tmp)
+        elif self.method == "biprop":  # W_eff = alpha * sign(W) * M(|S|), alpha held constant
+            g *= self.w_sign
+            for i, (lo, hi) in enumerate(self.layer_bounds):
+                g[lo:hi] *= self.alphas[i]
+            g *= xp.sign(self.s_flat, out=self._tmp)
+        elif self.method == "supermask":  # W_eff = W * M, E[M] = sigmoid(S)
+            p = sigmoid(xp, self.s_flat, out=self._tmp)
+            g *= self.w_flat
+            g *= p
+            g *= 1 - p
 
 
-def cross_entropy(xp, logits, y):
+def sigmoid(xp, x, out=None):
+    out = xp.negative(x, out=out)
+    xp.exp(out, out=out)
+    out += 1
+    return xp.reciprocal(out, out=out)
+
+
+def cross_entropy(xp, logits, y, grad: bool = True):
     """Summed loss, number correct (both 0-d device arrays) and dL/dlogits of the *mean* loss."""
     n = logits.shape[0]
     rows = xp.arange(n)
@@ -190,6 +421,8 @@ def cross_entropy(xp, logits, y):
     s = e.sum(axis=1, keepdims=True)
     loss_sum = (xp.log(s[:, 0]) - z[rows, y]).sum()
     correct = (logits.argmax(axis=1) == y).sum()
+    if not grad:
+        return loss_sum, correct, None
     p = e / s
     p[rows, y] -= 1.0
     p /= n

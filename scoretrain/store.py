@@ -32,7 +32,7 @@ FORMAT = "scoretrain-run"
 FORMAT_VERSION = 1
 RUN_FILE = "run.h5"
 CONFIG_FILE = "config.yaml"
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "mask_change")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -47,6 +47,7 @@ class Run:
     k: float = 1.0
     metrics: dict[str, list] = field(default_factory=lambda: {m: [] for m in METRICS})
     optimizer: dict | None = None  # {"name", "steps", "slots": {slot: [arrays]}}
+    mask_change_layers: list[list[float]] = field(default_factory=list)  # per epoch, per layer
 
     @property
     def epochs_done(self) -> int:
@@ -142,12 +143,15 @@ def _write_h5(path: Path, run: Run) -> None:
         f.attrs["epochs_done"] = run.epochs_done
         for i, w in enumerate(run.weights):
             g = f.create_group(f"layers/{i:02d}")
+            g.attrs["kind"] = "conv" if w.ndim == 4 else "linear"
             g.create_dataset("weight", data=w.astype(np.float32))
             if run.scores is not None:
                 g.attrs["k"] = run.k
                 g.create_dataset("scores", data=run.scores[i].astype(np.float32))
                 if run.masks is not None:
                     g.create_dataset("mask", data=run.masks[i].astype(np.uint8))
+                if run.mask_change_layers:
+                    g.create_dataset("mask_change", data=np.array([row[i] for row in run.mask_change_layers]))
         m = f.create_group("metrics")
         for key in METRICS:
             dtype = np.int32 if key == "epoch" else np.float64
@@ -199,6 +203,8 @@ def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
         masks=[g["mask"][()].astype(bool) for g in layers] if has_scores and all("mask" in g for g in layers) else None,
         k=float(layers[0].attrs["k"]) if has_scores else 1.0,
         metrics={key: f["metrics"][key][()].tolist() for key in METRICS},
+        mask_change_layers=np.stack([g["mask_change"][()] for g in layers], axis=1).tolist()
+        if layers and all("mask_change" in g for g in layers) else [],
     )
     if with_optimizer and "optimizer" in f:
         o = f["optimizer"]

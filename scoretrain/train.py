@@ -28,21 +28,34 @@ class DeviceData:
     y_train: object
     x_test: object
     y_test: object
-    mean: float
-    std: float
+    mean: list[float]  # per channel, of inputs scaled to [0, 1]
+    std: list[float]
 
 
-def load_data(cfg: Config, backend: Backend, mean: float | None = None, std: float | None = None) -> DeviceData:
-    """Read, standardize and move the dataset to the device, once. `mean`/`std` default to the
-    training set's (a resumed or re-evaluated run passes the ones it recorded)."""
+def load_data(cfg: Config, backend: Backend, mean=None, std=None) -> DeviceData:
+    """Read, standardize and move the dataset to the device, once, as float32 [N, H, W, C].
+    `mean`/`std` default to the training set's (a resumed or re-evaluated run passes the ones
+    it recorded)."""
     d = cfg.data
     ds = data.load(d.name, d.root)
     x_train, y_train = ds.x_train[: d.train_samples], ds.y_train[: d.train_samples]
     x_test, y_test = ds.x_test[: d.test_samples], ds.y_test[: d.test_samples]
     if mean is None:
-        mean, std = data.standardization(x_train) if d.standardize else (0.0, 1.0)
-    dev = lambda x: backend.asarray(data.to_float(x, mean, std).reshape(len(x), -1))  # noqa: E731 - flat for the MLP
+        channels = data.SHAPES[d.name][2]
+        mean, std = data.standardization(x_train) if d.standardize else ([0.0] * channels, [1.0] * channels)
+    dev = lambda x: backend.asarray(data.to_float(x, mean, std))  # noqa: E731
     return DeviceData(dev(x_train), backend.asarray(y_train), dev(x_test), backend.asarray(y_test), mean, std)
+
+
+def network(cfg: Config, backend: Backend, weights: list, scores: list | None) -> Network:
+    """The network of `cfg` for its dataset's image shape, its tensors copied onto the device."""
+    h, w, c, classes = data.SHAPES[cfg.data.name]
+    return Network(backend.xp, cfg.model, weights, scores, (h, w, c), classes)
+
+
+def initial_tensors(cfg: Config):
+    h, w, c, classes = data.SHAPES[cfg.data.name]
+    return init_network(cfg.model, cfg.seed, (h, w, c), classes)
 
 
 def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, float]:
@@ -51,7 +64,7 @@ def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, f
     loss, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
     for i in range(0, len(y), batch_size):
         logits, _ = net.forward(x[i : i + batch_size], w_eff)
-        l, c, _ = cross_entropy(xp, logits, y[i : i + batch_size])
+        l, c, _ = cross_entropy(xp, logits, y[i : i + batch_size], grad=False)
         loss += l
         correct += c
     n = len(y)
@@ -62,9 +75,9 @@ def train_step(net: Network, opt, x, y, lr: float):
     """One SGD step on a batch: the mask, forward, loss, backward, update. Returns the batch's
     summed loss and number correct, as device scalars (reading them would sync a GPU)."""
     w_eff = net.effective_weights()
-    logits, acts = net.forward(x, w_eff)
+    logits, caches = net.forward(x, w_eff)
     loss_sum, correct, dlogits = cross_entropy(net.xp, logits, y)
-    opt.step(net.params, net.backward(acts, w_eff, dlogits), lr)
+    opt.step(net.params, net.backward(caches, w_eff, dlogits), lr)
     return loss_sum, correct
 
 
@@ -105,11 +118,9 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
     after every epoch. On a signal, divergence or error the last finished epoch is saved with
     status "interrupted" or "failed" and the exception is re-raised."""
     xp, t = backend.xp, cfg.train
-    # Copies: training updates the arrays in place, and on the CPU backend.asarray would share
-    # memory with `run`, so the checkpoint saved on an interrupt would hold a half-trained epoch.
-    net = Network(xp, cfg.model.method, cfg.model.k,
-                  [xp.array(w, copy=True) for w in run.weights],
-                  None if run.scores is None else [xp.array(s, copy=True) for s in run.scores])
+    # The network holds copies: training updates its arrays in place, and the checkpoint saved
+    # on an interrupt must still hold the last finished epoch (run.*).
+    net = network(cfg, backend, run.weights, run.scores)
     opt = optim.make(xp, net.params, t)
     if run.optimizer is not None:  # resuming
         opt.steps = run.optimizer["steps"]
@@ -137,19 +148,30 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
 
 
 def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop) -> None:
-    xp, t = backend.xp, cfg.train
+    xp, t, d = backend.xp, cfg.train, cfg.data
     n = len(dd.y_train)
     n_batches = math.ceil(n / t.batch_size)
+    augmenting = d.crop_padding > 0 or d.flip
+    host = lambda arrs: None if arrs is None else [backend.to_host(a) for a in arrs]  # noqa: E731
+    if net.scores is not None and run.masks is None:  # the starting masks, that mask_change counts from
+        net.effective_weights(train=False)
+        run.masks = host(net.masks)
     for epoch in range(run.epochs_done, t.epochs):
         stop.check()  # a signal during the last evaluation or checkpoint: stop before training on
         lr = optim.lr_at(t, epoch)
+        # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it.
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
+        aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
+        net.reseed(cfg.seed, epoch)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()
         for b in range(n_batches):
             idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
-            l, c = train_step(net, opt, dd.x_train[idx], dd.y_train[idx], lr)
+            x = dd.x_train[idx]
+            if augmenting:
+                x = data.augment(xp, x, aug_rng, d.crop_padding, d.flip)
+            l, c = train_step(net, opt, x, dd.y_train[idx], lr)
             loss_sum += l
             correct += c
             seen = min(n, (b + 1) * t.batch_size)
@@ -163,16 +185,20 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         if not all(bool(xp.isfinite(p).all()) for p in net.params):  # edge-popup's loss stays finite on nan scores
             what = "scores" if net.scores is not None else "weights"
             raise Diverged(f"the {what} became nan or inf in epoch {epoch + 1} (learning rate {lr:g} too high?)")
-        w_eff = net.effective_weights()
+        w_eff = net.effective_weights(train=False)
         test_loss, test_acc = evaluate(net, w_eff, dd.x_test, dd.y_test, t.eval_batch_size)
+        change = float("nan")
+        if net.scores is not None:
+            masks = host(net.masks)
+            changed = [int((a != b).sum()) for a, b in zip(run.masks, masks)]
+            change = sum(changed) / sum(m.size for m in masks)
+            run.mask_change_layers.append([c / m.size for c, m in zip(changed, masks)])
+            run.scores, run.masks = host(net.scores), masks
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds)
+                   test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds, mask_change=change)
         for key, value in row.items():
             run.metrics[key].append(value)
-        host = lambda arrs: None if arrs is None else [backend.to_host(a) for a in arrs]  # noqa: E731
-        if net.scores is not None:
-            run.scores, run.masks = host(net.scores), host(net.masks)
-        else:
+        if net.scores is None:
             run.weights = host(net.weights)
         run.optimizer = {"name": t.optimizer, "steps": opt.steps,
                          "slots": {s: host(v) for s, v in opt.state.items()}}
@@ -184,7 +210,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
 
 def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
     """A fresh run: the seed's weights (and scores), no epochs yet."""
-    weights, scores = init_network(cfg.model, cfg.seed)
+    weights, scores = initial_tensors(cfg)
     attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std)
     return store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
 

@@ -40,7 +40,7 @@ def nets(method, seed=0):
     cfg = ModelConfig(method=method, widths=[784, 256, 128, 10], k=0.4)
     w, s = init_network(cfg, seed)
     cpu = resolve("cpu")
-    make = lambda b: Network(b.xp, method, cfg.k, [b.asarray(a) for a in w], None if s is None else [b.asarray(a) for a in s])  # noqa: E731
+    make = lambda b: Network(b.xp, cfg, w, s)  # noqa: E731
     return (cpu, make(cpu)), (GPU, make(GPU))
 
 
@@ -48,7 +48,7 @@ def nets(method, seed=0):
 @pytest.mark.parametrize("method", ["edge-popup", "dense"])
 def test_numpy_and_cupy_train_the_same_network(method):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((64 * 5, 784)).astype(np.float32)
+    x = rng.standard_normal((64 * 5, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, 64 * 5)
     results = []
     for backend, net in nets(method):

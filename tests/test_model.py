@@ -1,10 +1,10 @@
-"""The algorithm's numerics: exact top-k masks, straight-through gradients, finite differences."""
+"""The algorithm's numerics: exact top-k masks, layers and methods against finite differences."""
 
 import numpy as np
 import pytest
 
 from scoretrain.config import ModelConfig
-from scoretrain.model import Network, cross_entropy, init_network, kept_count, topk_mask
+from scoretrain.model import Network, build_layers, cross_entropy, init_network, kept_count, topk_mask
 
 
 def stable_topk(a, k):
@@ -32,125 +32,10 @@ def test_topk_is_exact_and_deterministic_on_tie_heavy_scores(k):
 
 
 def test_all_equal_scores_keep_the_first_k():
-    mask, _ = topk_mask(np, np.zeros(10, np.float32), 4)
-    np.testing.assert_array_equal(mask, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
-
-
-@pytest.mark.parametrize("k,n,expected", [(0.5, 10, 5), (0.3, 10, 3), (0.25, 10, 2), (0.35, 10, 4), (0.01, 10, 1), (1.0, 7, 7)])
-def test_kept_count_is_round_k_n(k, n, expected):
-    assert kept_count(k, n) == expected
-
-
-def test_network_masks_have_exact_sizes():
-    cfg = ModelConfig(widths=[784, 250, 250, 10], k=0.3)
-    w, s = init_network(cfg, seed=3)
-    net = Network(np, "edge-popup", cfg.k, w, s)
-    w_eff = net.effective_weights()
-    for m, we, weight in zip(net.masks, w_eff, w):
-        assert m.sum() == round(0.3 * weight.size)
-        np.testing.assert_array_equal(we != 0, m)  # signed-constant weights are never 0 themselves
-
-
-def test_signed_constant_init_and_seed_reproducibility():
-    cfg = ModelConfig(widths=[20, 30, 10], init="signed_constant")
-    w1, s1 = init_network(cfg, seed=7)
-    w2, s2 = init_network(cfg, seed=7)
-    w3, _ = init_network(cfg, seed=8)
-    for a, b in zip(w1 + s1, w2 + s2):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(w1[0], w3[0])
-    std = np.sqrt(2.0 / 20)
-    np.testing.assert_allclose(np.unique(np.abs(w1[0])), [std], rtol=1e-6)
-    scaled, _ = init_network(ModelConfig(widths=[20, 30, 10], k=0.5, scale_fan=True), seed=7)
-    np.testing.assert_allclose(np.abs(scaled[0]), np.sqrt(2.0 / (0.5 * 20)), rtol=1e-6)
-
-
-def test_dense_and_edge_popup_share_the_random_weights():
-    w_ep, _ = init_network(ModelConfig(method="edge-popup", widths=[20, 30, 10]), seed=1)
-    w_d, s_d = init_network(ModelConfig(method="dense", widths=[20, 30, 10]), seed=1)
-    assert s_d is None
-    for a, b in zip(w_ep, w_d):
-        np.testing.assert_array_equal(a, b)
-
-
-def loss_of(net, w_eff, x, y):
-    logits, _ = net.forward(x, w_eff)
-    loss_sum, _, _ = cross_entropy(np, logits, y)
-    return float(loss_sum) / len(y)
-
-
-def small_problem(method, seed=0):
-    rng = np.random.default_rng(seed)
-    cfg = ModelConfig(method=method, widths=[6, 8, 7, 3], k=0.5, init="kaiming_normal")
-    w, s = init_network(cfg, seed)
-    w = [a.astype(np.float64) for a in w]
-    s = None if s is None else [a.astype(np.float64) for a in s]
-    x = rng.standard_normal((5, 6))
-    y = rng.integers(0, 3, 5)
-    return Network(np, method, cfg.k, w, s), x, y
-
-
-def test_cross_entropy_gradient_matches_finite_differences():
-    rng = np.random.default_rng(0)
-    logits, y = rng.standard_normal((4, 5)), rng.integers(0, 5, 4)
-    _, _, grad = cross_entropy(np, logits.copy(), y)
-    eps, num = 1e-6, np.zeros_like(logits)
-    for idx in np.ndindex(logits.shape):
-        up, down = logits.copy(), logits.copy()
-        up[idx] += eps
-        down[idx] -= eps
-        num[idx] = (float(cross_entropy(np, up, y)[0]) - float(cross_entropy(np, down, y)[0])) / (2 * eps * len(y))
-    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
-
-
-def test_dense_weight_gradients_match_finite_differences():
-    net, x, y = small_problem("dense")
-    w_eff = net.effective_weights()
-    logits, acts = net.forward(x, w_eff)
-    grads = net.backward(acts, w_eff, cross_entropy(np, logits, y)[2])
-    eps = 1e-6
-    for layer, (w, g) in enumerate(zip(net.weights, grads)):
-        num = np.zeros_like(w)
-        for idx in np.ndindex(w.shape):
-            old = w[idx]
-            w[idx] = old + eps
-            up = loss_of(net, net.weights, x, y)
-            w[idx] = old - eps
-            down = loss_of(net, net.weights, x, y)
-            w[idx] = old
-            num[idx] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8, err_msg=f"layer {layer}")
-
-
-def test_score_gradient_is_straight_through_the_mask():
-    """dL/dS must equal dL/dW_eff * W * sign(S), with dL/dW_eff checked by finite differences
-    on the masked network (the gradient the mask is treated as passing unchanged)."""
-    net, x, y = small_problem("edge-popup")
-    w_eff = net.effective_weights()
-    logits, acts = net.forward(x, w_eff)
-    grads = net.backward(acts, w_eff, cross_entropy(np, logits, y)[2])
-    eps = 1e-6
-    for layer in range(len(w_eff)):
-        num = np.zeros_like(w_eff[layer])
-        for idx in np.ndindex(num.shape):
-            probe = [a.copy() for a in w_eff]
-            probe[layer][idx] += eps
-            up = loss_of(net, probe, x, y)
-            probe[layer][idx] -= 2 * eps
-            num[idx] = (up - loss_of(net, probe, x, y)) / (2 * eps)
-        expected = num * net.weights[layer] * np.sign(net.scores[layer])
-        np.testing.assert_allclose(grads[layer], expected, rtol=1e-5, atol=1e-8, err_msg=f"layer {layer}")
-        assert np.abs(grads[layer][~net.masks[layer]]).sum() > 0  # pruned weights' scores get gradient too
-
-
-def test_scores_decide_the_mask_not_the_weights():
-    net, _, _ = small_problem("edge-popup")
-    before = [m.copy() for m in (net.effective_weights() and net.masks)]
-    net.scores[0][:] = 0.0
-    net.scores[0][0, :3] = 5.0  # these must now be among the kept
-    net.effective_weights()
-    assert net.masks[0][0, :3].all()
-    assert not np.array_equal(before[0], net.masks[0])
+    out = np.ones(10, dtype=bool)
+    mask, _ = topk_mask(np, np.zeros(10, np.float32), 4, out=out)
+    np.testing.assert_array_equal(out, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])  # written into `out`
+    np.testing.assert_array_equal(mask, out)
 
 
 @pytest.mark.parametrize("hint_scale", [None, 0.0, 0.5, 0.99, 1.0, 1.005, 1.05, 2.0, 100.0])
@@ -176,3 +61,184 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
         a = np.abs(s)
         mask, hint = topk_mask(np, a, 25000, hint)
         np.testing.assert_array_equal(mask, stable_topk(a, 25000))
+
+
+@pytest.mark.parametrize("k,n,expected", [(0.5, 10, 5), (0.3, 10, 3), (0.25, 10, 2), (0.35, 10, 4), (0.01, 10, 1), (1.0, 7, 7)])
+def test_kept_count_is_round_k_n(k, n, expected):
+    assert kept_count(k, n) == expected
+
+
+def mlp(method="edge-popup", k=0.3, widths=(784, 250, 250, 10), **kw):
+    cfg = ModelConfig(method=method, widths=list(widths), k=k, **kw)
+    w, s = init_network(cfg, seed=3)
+    return Network(np, cfg, w, s), w
+
+
+def test_layer_masks_have_exact_sizes():
+    net, w = mlp(k=0.3)
+    w_eff = net.effective_weights()
+    for m, we, weight, s in zip(net.masks, w_eff, w, net.scores):
+        assert m.sum() == round(0.3 * weight.size)
+        np.testing.assert_array_equal(m, stable_topk(np.abs(s), round(0.3 * weight.size)))
+        np.testing.assert_array_equal(we != 0, m)  # signed-constant weights are never 0 themselves
+
+
+def test_global_scope_keeps_k_of_the_whole_network():
+    net, w = mlp(k=0.3, k_scope="global")
+    net.effective_weights()
+    total = sum(x.size for x in w)
+    assert sum(int(m.sum()) for m in net.masks) == round(0.3 * total)
+    flat_abs = np.concatenate([np.abs(s).ravel() for s in net.scores])
+    np.testing.assert_array_equal(np.concatenate([m.ravel() for m in net.masks]), stable_topk(flat_abs, round(0.3 * total)))
+    per_layer = [m.mean() for m in net.masks]
+    assert max(per_layer) - min(per_layer) > 0.01  # layers keep different fractions
+
+
+def test_signed_constant_init_and_seed_reproducibility():
+    cfg = ModelConfig(widths=[20, 30, 10], init="signed_constant")
+    w1, s1 = init_network(cfg, seed=7)
+    w2, s2 = init_network(cfg, seed=7)
+    w3, _ = init_network(cfg, seed=8)
+    for a, b in zip(w1 + s1, w2 + s2):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(w1[0], w3[0])
+    np.testing.assert_allclose(np.unique(np.abs(w1[0])), [np.sqrt(2.0 / 20)], rtol=1e-6)
+    scaled, _ = init_network(ModelConfig(widths=[20, 30, 10], k=0.5, scale_fan=True), seed=7)
+    np.testing.assert_allclose(np.abs(scaled[0]), np.sqrt(2.0 / (0.5 * 20)), rtol=1e-6)
+
+
+def test_every_method_starts_from_the_same_random_weights():
+    base, _ = init_network(ModelConfig(method="edge-popup", widths=[20, 30, 10]), seed=1)
+    for method in ("dense", "biprop", "supermask"):
+        w, s = init_network(ModelConfig(method=method, widths=[20, 30, 10]), seed=1)
+        assert (s is None) == (method == "dense")
+        for a, b in zip(base, w):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_conv_architectures_have_the_papers_shapes():
+    shapes = lambda arch, image, width=1.0: [l.shape for l in build_layers(np, ModelConfig(arch=arch, width=width), image, 10) if hasattr(l, "shape")]  # noqa: E731
+    assert shapes("conv2", (32, 32, 3)) == [(64, 3, 3, 3), (64, 3, 3, 64), (256, 16 * 16 * 64), (256, 256), (10, 256)]
+    assert shapes("conv6", (32, 32, 3))[-3] == (256, 4 * 4 * 256)
+    assert shapes("conv8", (28, 28, 1))[-3] == (256, 1 * 1 * 512)
+    assert shapes("conv4", (32, 32, 3), width=0.5)[:2] == [(32, 3, 3, 3), (32, 3, 3, 32)]
+    assert shapes("lenet", (28, 28, 1)) == [(32, 5, 5, 1), (64, 5, 5, 32), (512, 7 * 7 * 64), (10, 512)]
+
+
+# --- gradients against finite differences ------------------------------------------------------
+
+
+def problem(method, arch="mlp", seed=0):
+    """A tiny float64 network and batch: an MLP, or a conv net on 8x8 two-channel images."""
+    rng = np.random.default_rng(seed)
+    if arch == "mlp":
+        cfg, image = ModelConfig(method=method, widths=[12, 32, 32, 3], k=0.5, init="kaiming_normal"), (1, 12, 1)
+    else:
+        # Wide enough that every unit keeps some weights, so no pre-activation sits exactly
+        # on the ReLU kink at 0, where a finite difference sees only half the slope
+        cfg, image = ModelConfig(method=method, arch=arch, width=0.1, k=0.5, init="kaiming_normal"), (8, 8, 2)
+    w, s = init_network(cfg, seed, image, 3)
+    net = Network(np, cfg, [a.astype(np.float64) for a in w], None if s is None else [a.astype(np.float64) for a in s], image, 3)
+    x = rng.standard_normal((5, *image))
+    return net, x, rng.integers(0, 3, 5)
+
+
+def loss_of(net, w_eff, x, y):
+    logits, _ = net.forward(x.copy(), w_eff)
+    return float(cross_entropy(np, logits, y)[0]) / len(y)
+
+
+def numeric_grad(net, w_eff, x, y, layer, eps=1e-6):
+    num = np.zeros_like(w_eff[layer])
+    probe = [a.copy() for a in w_eff]
+    for idx in np.ndindex(num.shape):
+        old = probe[layer][idx]
+        probe[layer][idx] = old + eps
+        up = loss_of(net, probe, x, y)
+        probe[layer][idx] = old - eps
+        num[idx] = (up - loss_of(net, probe, x, y)) / (2 * eps)
+        probe[layer][idx] = old
+    return num
+
+
+def analytic(net, x, y, train=True):
+    w_eff = [a.copy() for a in net.effective_weights(train)]
+    logits, caches = net.forward(x.copy(), w_eff)
+    net.backward(caches, w_eff, cross_entropy(np, logits, y)[2])
+    return w_eff, [g.copy() for g in net.grads]
+
+
+def test_cross_entropy_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    logits, y = rng.standard_normal((4, 5)), rng.integers(0, 5, 4)
+    _, _, grad = cross_entropy(np, logits.copy(), y)
+    eps, num = 1e-6, np.zeros_like(logits)
+    for idx in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        num[idx] = (float(cross_entropy(np, up, y)[0]) - float(cross_entropy(np, down, y)[0])) / (2 * eps * len(y))
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv2", "lenet"])
+def test_dense_weight_gradients_match_finite_differences(arch):
+    """Linear, Conv2d (im2col), ReLU, MaxPool2d and Flatten backward, end to end."""
+    net, x, y = problem("dense", arch)
+    w_eff, grads = analytic(net, x, y)
+    for layer in range(len(w_eff)):
+        np.testing.assert_allclose(grads[layer], numeric_grad(net, w_eff, x, y, layer), rtol=1e-5, atol=1e-7, err_msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("method", ["edge-popup", "biprop", "supermask"])
+@pytest.mark.parametrize("arch", ["mlp", "conv2"])
+def test_score_gradient_is_straight_through_the_mask(method, arch):
+    """dL/dS = dL/dW_eff * dW_eff/dS with the mask's derivative taken as the identity; dL/dW_eff
+    itself is checked by finite differences on the masked network."""
+    net, x, y = problem(method, arch)
+    w_eff, grads = analytic(net, x, y)
+    for layer in range(len(w_eff)):
+        w, s = net.weights[layer], net.scores[layer]
+        num = numeric_grad(net, w_eff, x, y, layer)
+        if method == "edge-popup":
+            through = w * np.sign(s)
+        elif method == "biprop":
+            through = net.alphas[layer] * np.sign(w) * np.sign(s)
+        else:
+            p = 1 / (1 + np.exp(-s))
+            through = w * p * (1 - p)
+        np.testing.assert_allclose(grads[layer], num * through, rtol=1e-5, atol=1e-8, err_msg=f"layer {layer}")
+        assert np.abs(grads[layer][~net.masks[layer]]).sum() > 0  # pruned weights' scores get gradient too
+
+
+def test_biprop_uses_scaled_signs_of_the_kept_weights():
+    net, _, _ = problem("biprop")
+    w_eff = net.effective_weights()
+    for w, m, we in zip(net.weights, net.masks, w_eff):
+        alpha = np.abs(w[m]).mean()
+        np.testing.assert_allclose(we, alpha * np.sign(w) * m)
+
+
+def test_supermask_samples_while_training_and_thresholds_when_measuring():
+    net, _, _ = problem("supermask")
+    net.reseed(0, 0)
+    a = [m.copy() for m in (net.effective_weights(True) and net.masks)]
+    b = [m.copy() for m in (net.effective_weights(True) and net.masks)]
+    assert any(not np.array_equal(x, z) for x, z in zip(a, b))  # a fresh sample per step
+    net.effective_weights(False)
+    for s, m in zip(net.scores, net.masks):
+        np.testing.assert_array_equal(m, s > 0)
+    net.reseed(0, 0)
+    c = [m.copy() for m in (net.effective_weights(True) and net.masks)]
+    for x, z in zip(a, c):
+        np.testing.assert_array_equal(x, z)  # the same (seed, epoch): the same samples
+
+
+def test_scores_decide_the_mask_not_the_weights():
+    net, _, _ = problem("edge-popup")
+    before = [m.copy() for m in (net.effective_weights() and net.masks)]
+    net.scores[0][:] = 0.0
+    net.scores[0][0, :3] = 5.0  # these must now be among the kept
+    net.effective_weights()
+    assert net.masks[0][0, :3].all()
+    assert not np.array_equal(before[0], net.masks[0])
