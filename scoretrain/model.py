@@ -117,10 +117,9 @@ class Conv2d:
         n, h, wd, c = x.shape
         padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
         padded[:, p : p + h, p : p + wd] = x
-        cols = xp.empty((n, h, wd, k, k, c), dtype=x.dtype)
-        for i in range(k):  # k*k strided copies: the same code on numpy and cupy
-            for j in range(k):
-                cols[:, :, :, i, j] = padded[:, i : i + h, j : j + wd]
+        # im2col as a strided view [n, h, w, k, k, c] of the padded input; the reshape copies it once
+        sn, sh, sw, sc = padded.strides
+        cols = xp.lib.stride_tricks.as_strided(padded, (n, h, wd, k, k, c), (sn, sh, sw, sh, sw, sc))
         cols = cols.reshape(n * h * wd, k * k * c)
         y = cols @ w.reshape(len(w), -1).T
         return y.reshape(n, h, wd, len(w)), (cols, x.shape)
@@ -158,22 +157,27 @@ class MaxPool2d:
     def __init__(self, xp):
         self.xp = xp
 
+    @staticmethod
+    def _corners(x):
+        """The four strided views x[:, a::2, b::2] of each 2 x 2 window, in row-major order."""
+        h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+        return [x[:, a : 2 * h2 : 2, b : 2 * w2 : 2] for a in (0, 1) for b in (0, 1)]
+
     def forward(self, x):
-        n, h, w, c = x.shape
-        h2, w2 = h // 2, w // 2
-        win = x[:, : 2 * h2, : 2 * w2].reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h2, w2, c, 4)
-        return win.max(axis=-1), (win.argmax(axis=-1), x.shape)
+        c = self._corners(x)
+        y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
+        return y, (x, y)
 
     def backward(self, d, cache):
         xp = self.xp
-        arg, (n, h, w, c) = cache
-        h2, w2 = h // 2, w // 2
-        g = (arg[..., None] == xp.arange(4)) * d[..., None]  # the gradient goes to the max only
-        g = g.reshape(n, h2, w2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, 2 * h2, 2 * w2, c)
-        if (2 * h2, 2 * w2) == (h, w):
-            return g
-        dx = xp.zeros((n, h, w, c), dtype=d.dtype)
-        dx[:, : 2 * h2, : 2 * w2] = g
+        x, y = cache
+        dx = xp.zeros(x.shape, dtype=d.dtype)
+        taken = xp.zeros(y.shape, dtype=bool)
+        for corner, dcorner in zip(self._corners(x), self._corners(dx)):
+            hit = corner == y  # the gradient goes to the first maximum of each window only
+            hit &= ~taken
+            taken |= hit
+            dcorner[...] = d * hit
         return dx
 
 
