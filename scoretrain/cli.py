@@ -27,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the subnetworks hidden in randomly weighted networks (edge-popup), and train dense baselines.",
 )
-console = Console(highlight=False)
+# Off a terminal, rich would wrap at 80 columns: lines in logs stay whole instead.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -196,6 +197,7 @@ def compare(
     sort: str = typer.Option("k", "--sort", help="k (default: a K sweep in order of k), name, method, widths, init, epochs, status, best, final or seconds. Accuracies sort best first, the rest ascending; ties by name; runs without the value last."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts (full precision)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows for scripts (full precision)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw final test accuracy against k and test accuracy per epoch into FILE.png or FILE.svg (needs: pip install 'scoretrain[plot]').", show_default=False, metavar="FILE"),
 ) -> None:
     """Compare runs side by side: method, widths, k, epochs, status, best and final test accuracy, s/epoch.
 
@@ -208,14 +210,52 @@ def compare(
     if as_csv and as_json:
         raise ConfigError("--csv and --json: choose one")
     compare_mod.sort_rows([], sort)  # refuses an unknown --sort before any file is read
+    if plot is not None:
+        from . import plot as plot_mod
+
+        plot_mod.check(plot)  # likewise a bad file name, or no matplotlib
     rows = compare_mod.sort_rows(compare_mod.collect(paths), sort)
     if as_json or as_csv:
         print(compare_mod.to_json(rows) if as_json else compare_mod.to_csv(rows), end="\n" if as_json else "")
+    else:
+        compare_mod.print_table(console, rows)
+        for row in rows:
+            if row["error"]:
+                err_console.print(f"unreadable: {row['error']}", soft_wrap=True, markup=False)
+    if plot is not None:
+        plot_mod.plot(rows, plot)
+        err_console.print(f"plot written to {plot}", soft_wrap=True, markup=False)  # stderr: --json/--csv stay clean
+
+
+@app.command("inspect")
+@user_errors
+def inspect_(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Per layer: kept fraction, how far the mask moved, score statistics, sign balance of the kept weights."""
+    from . import inspect_run
+
+    report = inspect_run.inspect(run_dir)
+    if as_json:
+        print(json.dumps(report))
         return
-    compare_mod.print_table(console, rows)
-    for row in rows:
-        if row["error"]:
-            err_console.print(f"unreadable: {row['error']}", soft_wrap=True, markup=False)
+    inspect_run.print_report(console, report)
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
+    to: Path = typer.Option(..., "--to", help="The .npz file to write.", show_default=False, metavar="FILE.npz"),
+    force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
+) -> None:
+    """Write the subnetwork as plain masked weight arrays + architecture in one .npz (docs/run-format.md)."""
+    from . import export as export_mod
+
+    out = export_mod.export(run_dir, to, force)
+    n = sum(int((a != 0).sum()) for key, a in out.items() if key.startswith("weight_"))
+    console.print(f"{to}: {sum(k.startswith('weight_') for k in out)} weight layers, {n:,} nonzero weights", soft_wrap=True, markup=False)
 
 
 # ----------------------------------------------------------------------------- scoretrain data
@@ -251,6 +291,11 @@ app.add_typer(data_app, name="data")
 
 def main() -> None:
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # a usage error (unknown option, missing argument): one line too
+        command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in typer.main.get_command(app).commands else ""
+        err_console.print(f"error: {e.format_message()} (see: scoretrain {command} --help)".replace("  ", " "), soft_wrap=True, markup=False)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code or 0)

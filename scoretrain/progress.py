@@ -17,9 +17,9 @@ REFRESH_SECONDS = 0.25  # how often the live loss is read back (a device sync on
 
 def describe(cfg) -> str:
     m = cfg.model
-    widths = "-".join(map(str, m.widths))
-    k = f", k={m.k:g}" if m.method == "edge-popup" else ""
-    return f"{m.method} {widths}{k}, {m.init}, {cfg.train.optimizer} lr={cfg.train.lr:g}, {cfg.train.epochs} epochs"
+    net = "-".join(map(str, m.widths)) if m.arch == "mlp" else f"{m.arch} x{m.width:g}"
+    k = f", k={m.k:g}" + (" (global)" if m.k_scope == "global" else "") if m.method in ("edge-popup", "biprop") else ""
+    return f"{m.method} {net}{k}, {m.init}, {cfg.train.optimizer} lr={cfg.train.lr:g}, {cfg.train.epochs} epochs"
 
 
 def epoch_line(row: dict, epochs: int) -> str:
