@@ -27,7 +27,8 @@ from . import store
 from .errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
-          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "error")
+          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "error")
+K_METHODS = ("edge-popup", "biprop")  # the methods that keep a fixed fraction k of the weights
 
 # --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
 # Rows without the value (k of a dense run; accuracies before epoch 1) go last, unreadable runs after them.
@@ -66,8 +67,10 @@ def read_row(run_dir: Path) -> dict:
         raise RunError(str(e)) from None
     m, model = run.metrics, cfg.model
     row = dict.fromkeys(FIELDS)
-    row.update(name=run_dir.name, path=str(run_dir), method=model.method, widths=list(model.widths),
-               k=model.k if model.method == "edge-popup" else None,  # dense keeps every weight: k does not apply
+    mlp, has_k = model.arch == "mlp", model.method in K_METHODS  # dense and supermask have no k
+    row.update(name=run_dir.name, path=str(run_dir), method=model.method,
+               widths=list(model.widths) if mlp else None, arch=model.arch, width=None if mlp else model.width,
+               k=model.k if has_k else None, k_scope=model.k_scope if has_k else None,
                init=model.init, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run))
     if m["epoch"]:
         best = max(range(len(m["test_acc"])), key=m["test_acc"].__getitem__)  # the first epoch on ties
@@ -123,18 +126,23 @@ def _pct(acc) -> str:
     return "-" if acc is None else f"{100 * acc:.2f}%"
 
 
+def net_name(r: dict) -> str:
+    """784-64-10 for an MLP, lenet x0.25 for a conv net."""
+    return "-".join(map(str, r["widths"])) if r["widths"] else f"{r['arch']} x{r['width']:g}"
+
+
 def _cells(r: dict) -> list[str]:
     if r["status"] == "unreadable":
         return [r["name"]] + ["-"] * 5 + ["unreadable"] + ["-"] * 3
     best = "-" if r["best_test_acc"] is None else f"{_pct(r['best_test_acc'])} ({r['best_epoch']})"
-    return [r["name"], r["method"], "-".join(map(str, r["widths"])), "-" if r["k"] is None else f"{r['k']:g}", r["init"],
+    return [r["name"], r["method"], net_name(r), "-" if r["k"] is None else f"{r['k']:g}", r["init"],
             f"{r['epochs_done']}/{r['epochs']}", r["status"], best, _pct(r["final_test_acc"]),
             "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}"]
 
 
 def table(rows: list[dict]) -> Table:
-    headers = ("run", "method", "widths", "k", "init", "epochs", "status", "best (epoch)", "final", "s/epoch")
-    folding = ("run", "method", "widths", "init")  # on a narrow terminal these wrap; the numbers never shrink to "…"
+    headers = ("run", "method", "net", "k", "init", "epochs", "status", "best (epoch)", "final", "s/epoch")
+    folding = ("run", "method", "net", "init")  # on a narrow terminal these wrap; the numbers never shrink to "…"
     cells = [_cells(r) for r in rows]
     t = Table(show_edge=False, pad_edge=False)
     for i, header in enumerate(headers):
@@ -149,7 +157,10 @@ def table(rows: list[dict]) -> Table:
 
 
 def print_table(console: Console, rows: list[dict]) -> None:
-    t = table(rows)
+    print_wide(console, table(rows))
+
+
+def print_wide(console: Console, t: Table) -> None:
     if not console.is_terminal:  # a pipe or a file has no width: print the table whole, not squeezed into 80 columns
         width = Measurement.get(console, console.options.update_width(10_000), t).maximum
         console = Console(file=console.file, width=width, highlight=False)

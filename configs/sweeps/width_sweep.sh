@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The width sweep at a fixed number of kept weights (the paper's observation that a wider net at a
+# smaller k does as well or better): 784-w-w-10 for w = 200, 400, 800, 1600, with k chosen so that
+# every net keeps the same ~99,400 weights (half of the 200-wide net). Into runs/width_sweep/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ST=${SCORETRAIN:-.venv/bin/scoretrain}
+OUT=${OUT:-runs/width_sweep}
+JOBS=${JOBS:-2}
+if [ "$JOBS" -gt 1 ]; then export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}; fi  # see k_sweep.sh
+export ST OUT
+KEPT=$(( (784 * 200 + 200 * 200 + 200 * 10) / 2 ))
+for w in 200 400 800 1600; do
+  echo "$w $(python3 -c "print(round($KEPT / (784 * $w + $w * $w + $w * 10), 4))")"  # width, k
+done | xargs -P "$JOBS" -n 2 sh -c '"$ST" fit configs/mnist_fc.yaml "model.widths=[784,$0,$0,10]" model.k=$1 --name "w$0" --runs-dir "$OUT" -q'
+"$ST" compare "$OUT" --sort name

@@ -1,0 +1,99 @@
+"""`scoretrain export`: a run's subnetwork as plain arrays in one .npz, usable without scoretrain.
+
+The file holds the effective weights exactly as the stored network computes with them (for
+edge-popup W * mask, for biprop alpha * sign(W) * mask, for supermask W * mask, for dense the
+trained W), the ordered layer list as a JSON string, and the input standardization. The layout
+is in docs/run-format.md ("Exported subnetworks").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import config as config_mod
+from . import data, store, train
+from .backend import Backend
+from .compare import K_METHODS
+from .errors import ConfigError, RunError, ScoretrainError
+from .model import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+
+FORMAT = "scoretrain-subnetwork"
+FORMAT_VERSION = 1
+
+
+def architecture(net) -> list[dict]:
+    """The layer list as plain dicts; weight layers name their array in the .npz."""
+    out, wi = [], 0
+    for layer in net.layers:
+        if isinstance(layer, (Linear, Conv2d)):
+            entry = {"type": layer.kind, "weight": f"weight_{wi:02d}", "shape": list(layer.shape)}
+            if isinstance(layer, Conv2d):
+                entry.update(padding="same", stride=1)
+            out.append(entry)
+            wi += 1
+        elif isinstance(layer, ReLU):
+            out.append({"type": "relu"})
+        elif isinstance(layer, MaxPool2d):
+            out.append({"type": "maxpool", "size": 2, "stride": 2})
+        elif isinstance(layer, Flatten):
+            out.append({"type": "flatten"})
+        else:  # a layer type added to model.py must be described here before it can be exported
+            raise TypeError(f"export: no description for layer {type(layer).__name__}")
+    return out
+
+
+def arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    """What the .npz holds, from a run directory (RunError if it is not a readable run)."""
+    run_dir = Path(run_dir)
+    run = store.load(run_dir)
+    try:
+        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+    except ConfigError as e:  # a broken run, not a bad command line
+        raise RunError(str(e)) from None
+    # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
+    net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores)
+    w_eff = net.effective_weights(train=False)  # dense: the weights; else masks from the scores
+    if run.masks is not None:
+        w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself, as `scoretrain eval` uses
+    h, w, c, classes = data.SHAPES[cfg.data.name]
+    test_acc = run.metrics["test_acc"]
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": cfg.data.name,
+            "method": cfg.model.method, "arch": cfg.model.arch, "k": cfg.model.k if cfg.model.method in K_METHODS else None,
+            "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
+            "scoretrain_version": run.attrs.get("scoretrain_version")}
+    out = {f"weight_{i:02d}": np.array(we, dtype=np.float32) for i, we in enumerate(w_eff)}  # copies of the views
+    out.update(
+        architecture=np.array(json.dumps(architecture(net))),
+        info=np.array(json.dumps(info)),
+        input_mean=np.asarray(run.attrs["input_mean"], np.float32).reshape(-1),
+        input_std=np.asarray(run.attrs["input_std"], np.float32).reshape(-1),
+        image_shape=np.array([h, w, c], np.int64),
+        n_classes=np.array(classes, np.int64),
+    )
+    return out
+
+
+def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarray]:
+    """Write the .npz atomically (a temporary file renamed over `dest`): a reader never sees half
+    a file. An existing `dest` is refused unless `force`."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise ScoretrainError(f"{dest}: is a folder; --to takes a file name, e.g. {dest / 'subnet.npz'}")
+    if dest.exists() and not force:
+        raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
+    if not dest.parent.is_dir():
+        raise ScoretrainError(f"{dest.parent}: no such folder")
+    out = arrays(run_dir)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
+            np.savez_compressed(fh, **out)  # masked weights are mostly zeros
+
+    try:
+        store.write_atomic(dest, write)
+    except OSError as e:
+        raise ScoretrainError(f"{dest}: cannot write ({e.strerror or e})") from None
+    return out

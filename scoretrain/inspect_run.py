@@ -1,0 +1,139 @@
+"""`scoretrain inspect`: what a run's subnetwork looks like, layer by layer.
+
+Per weight layer: the kept fraction of its mask, how much the mask moved during training (the
+per-epoch fraction of mask entries that changed, recorded by `fit` in /layers/NN/mask_change),
+the score statistics (all scores; |scores| of the kept and of the pruned weights) and the sign
+balance of the kept weights. Dense runs have no scores or masks: weight statistics only.
+(Named inspect_run, not inspect, so as not to shadow the standard library's module.)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import config as config_mod
+from . import store
+from .compare import K_METHODS, net_name, print_wide
+from .errors import ConfigError, RunError
+
+
+def _stats(a: np.ndarray) -> dict | None:
+    if a.size == 0:  # e.g. the pruned weights of a layer with k = 1
+        return None
+    a = a.astype(np.float64)  # float32 sums of wide layers would lose digits
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def _movement(per_epoch: list[float]) -> dict | None:
+    """The first and last epoch's mask change, and the total: their sum over all epochs (how much
+    the mask churned, which can exceed 1; not how far the final mask is from the initial one)."""
+    values = [v for v in per_epoch if not math.isnan(v)]  # dense runs record nan
+    if not values:
+        return None
+    return {"first": values[0], "last": values[-1], "total": float(sum(values))}
+
+
+def inspect(run_dir: Path) -> dict:
+    """Everything `inspect` shows, as plain JSON-ready values. RunError for an unreadable run."""
+    run_dir = Path(run_dir)
+    run = store.load(run_dir)
+    try:
+        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+    except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
+        raise RunError(str(e)) from None
+    model = cfg.model
+    masked = run.scores is not None and run.masks is not None  # no masks: stopped before epoch 1 ended
+    layers = []
+    for i, w in enumerate(run.weights):
+        layer = {"layer": f"{i:02d}", "kind": "conv" if w.ndim == 4 else "linear", "shape": list(w.shape),
+                 "size": int(w.size), "weights": _stats(w)}
+        if run.scores is not None:
+            layer["scores"] = _stats(run.scores[i])
+        if masked:
+            m, s = run.masks[i], np.abs(run.scores[i])
+            layer.update(
+                kept=float(m.mean()),
+                mask_change=_movement([row[i] for row in run.mask_change_layers]),
+                abs_scores_kept=_stats(s[m]), abs_scores_pruned=_stats(s[~m]),
+                # biprop uses alpha * sign(W) with alpha > 0: the sign is W's here too
+                kept_positive=float((w[m] > 0).mean()) if m.any() else None,
+            )
+        layers.append(layer)
+    test_acc = run.metrics["test_acc"]
+    return {
+        "run": str(run_dir), "status": store.live_status(run), "method": model.method, "arch": model.arch,
+        "widths": list(model.widths) if model.arch == "mlp" else None, "width": None if model.arch == "mlp" else model.width,
+        "k": model.k if model.method in K_METHODS else None,
+        "k_scope": model.k_scope if model.method in K_METHODS else None,
+        "init": model.init, "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
+        "kept": float(sum(m.sum() for m in run.masks) / sum(m.size for m in run.masks)) if masked else None,
+        "mask_change": _movement(run.metrics["mask_change"]) if masked else None,
+        "layers": layers,
+    }
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def _f(x, fmt: str = ".3g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _moved(mc: dict | None) -> str:
+    return "-" if mc is None else f"{_pct(mc['first'])} / {_pct(mc['last'])} / {_pct(mc['total'])}"
+
+
+def header(r: dict) -> str:
+    what = [r["method"], net_name(r), r["init"]]
+    if r["k"] is not None:
+        what.append(f"k={r['k']:g}" + (" (global)" if r["k_scope"] == "global" else ""))
+    line = f"{r['run']}: {' '.join(what)}, {r['status']}, {r['epochs_done']} epochs, test acc {_pct(r['test_acc'])}"
+    if r["kept"] is not None:
+        line += (f"\nkept {_pct(r['kept'])} of the weights; the mask moved {_moved(r['mask_change'])} "
+                 "(first epoch / last epoch / total of all epochs)")
+    return line
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> Table:
+    t = Table(show_edge=False, pad_edge=False)
+    for i, name in enumerate(headers):
+        # On a narrow terminal the cells with spaces wrap between their numbers and the headers
+        # wrap; a single number is never cut to "…".
+        single = max((len(row[i].split()[0]) for row in rows), default=0)
+        t.add_column(name, min_width=single, justify="left" if name in ("layer", "kind", "shape") else "right")
+    for row in rows:
+        t.add_row(*map(Text, row))  # Text: shown as is, never parsed as rich markup
+    return t
+
+
+def tables(r: dict) -> list[Table]:
+    """Masked runs: the masks, then the scores (two tables, so each fits 80 columns); dense: the weights."""
+    layers = r["layers"]
+    shape = lambda L: [L["layer"], L["kind"], "x".join(map(str, L["shape"]))]  # noqa: E731
+    spread = lambda s: [f"{_f(s['mean'])} ± {_f(s['std'])}", f"{_f(s['min'])} .. {_f(s['max'])}"]  # noqa: E731
+    if r["kept"] is None:
+        return [_table(["layer", "kind", "shape", "weight mean ± std", "weight min .. max"],
+                       [shape(L) + spread(L["weights"]) for L in layers])]
+    masks = _table(["layer", "kind", "shape", "kept", "mask moved first / last / total", "kept W > 0"],
+                   [shape(L) + [_pct(L["kept"]), _moved(L["mask_change"]), _pct(L["kept_positive"])] for L in layers])
+    scores = _table(["layer", "score mean ± std", "score min .. max", "|score| kept", "|score| pruned"],
+                    [[L["layer"], *spread(L["scores"]), _f(L["abs_scores_kept"] and L["abs_scores_kept"]["mean"]),
+                      _f(L["abs_scores_pruned"] and L["abs_scores_pruned"]["mean"])] for L in layers])
+    return [masks, scores]
+
+
+def print_report(console: Console, r: dict) -> None:
+    console.print(Text(header(r)), soft_wrap=True)
+    for t in tables(r):
+        console.print()
+        print_wide(console, t)  # off a terminal: whole, not squeezed into 80 columns

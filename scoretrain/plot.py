@@ -1,0 +1,113 @@
+"""`scoretrain compare --plot FILE`: final test accuracy against k, and test accuracy per epoch.
+
+matplotlib is an optional extra (`pip install 'scoretrain[plot]'`), imported only here and only
+when a plot is asked for. Figures are drawn with the non-interactive Agg canvas, never pyplot:
+no display is needed and no global backend state is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import store
+from .compare import net_name
+from .errors import ConfigError, RunError, ScoretrainError
+
+FORMATS = ("png", "svg")
+INSTALL = "pip install 'scoretrain[plot]'"
+
+
+def check(path: Path) -> str:
+    """The file format of `path`, once matplotlib is known to be there: called before any run is
+    read, so a plot that cannot be written fails fast."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--plot {path}: expected a .png or .svg file name")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ScoretrainError(f"--plot needs matplotlib, which is not installed: {INSTALL}") from None
+    return fmt
+
+
+def group_key(row: dict) -> tuple:
+    """Runs with the same key differ only in k (or in what the plot does not show: seed, lr, ...)."""
+    return (row["method"], net_name(row), row["init"], row["k_scope"] if row["k_scope"] == "global" else None)
+
+
+def labels(keys: list[tuple]) -> tuple[dict, str]:
+    """A legend label per group with only what tells the groups apart, and the shared rest (for
+    the title): a k sweep of one net against its dense baseline reads `edge-popup` / `dense`."""
+    parts = [[p if i < 3 else ("global k" if p else None) for i, p in enumerate(key)] for key in keys]
+    varying = [i for i in range(4) if len({p[i] for p in parts}) > 1] or [0]
+    shared = " ".join(str(p) for i, p in enumerate(parts[0]) if i not in varying and p) if parts else ""
+    names = {key: " ".join(str(p[i]) for i in varying if p[i]) for key, p in zip(keys, parts)}
+    return {key: name or "per-layer k" for key, name in names.items()}, shared  # empty: differs only in not being global
+
+
+def figure(rows: list[dict], histories: dict[str, tuple[list, list]]):
+    """The two-panel figure. rows: compare's rows; histories: a row's path -> (epochs, test_acc).
+    Left: one line per group (runs without k, dense and supermask, as dashed horizontal lines);
+    right: one line per run, in its group's colour."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in rows if r["final_test_acc"] is not None]  # unreadable, or no epoch done yet
+    if not rows:
+        raise RunError("--plot: no run has a finished epoch to plot")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(group_key(r), []).append(r)
+    names, shared = labels(list(groups))
+    colour = {key: f"C{i % 10}" for i, key in enumerate(groups)}
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    by_k, by_epoch = fig.subplots(1, 2)
+    for key, members in groups.items():
+        accs = {}
+        for r in members:
+            accs.setdefault(r["k"], []).append(100 * r["final_test_acc"])
+        if None in accs:  # no k: the run keeps what it keeps; a reference level across the k axis
+            level = accs.pop(None)
+            by_k.axhline(sum(level) / len(level), color=colour[key], linestyle="--", label=names[key])
+        if accs:  # several runs at one k (seeds, ...): the line goes through their mean, dots show each
+            ks = sorted(accs)
+            by_k.plot(ks, [sum(accs[k]) / len(accs[k]) for k in ks], color=colour[key], marker="o", label=names[key])
+            if any(len(v) > 1 for v in accs.values()):
+                by_k.scatter([k for k in ks for _ in accs[k]], [a for k in ks for a in accs[k]], color=colour[key], s=12, alpha=0.5)
+    by_k.set(xlim=(0, 1.02), xlabel="k (fraction of weights kept)", ylabel="final test accuracy (%)",
+             title="final test accuracy against k" + (f"\n{shared}" if shared else ""))
+    by_k.grid(alpha=0.3)
+    by_k.legend(fontsize="small")
+
+    for r in rows:
+        epochs, acc = histories[r["path"]]
+        by_epoch.plot(epochs, [100 * a for a in acc], color=colour[group_key(r)], marker="o", markersize=3, label=r["name"])
+    by_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch")
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
+    by_epoch.grid(alpha=0.3)
+    by_epoch.legend(fontsize="small", ncol=1 + len(rows) // 16)
+    return fig
+
+
+def plot(rows: list[dict], path: Path):
+    """Read each run's per-epoch test accuracy, draw the figure and write it (atomically, so a
+    viewer that reloads the file never sees half of it). Returns the figure."""
+    path, fmt = Path(path), check(path)
+    histories = {}
+    for r in rows:
+        if r["final_test_acc"] is None:
+            continue
+        try:
+            m = store.load_summary(Path(r["path"])).metrics  # compare's rows keep only the final numbers
+        except ScoretrainError:  # went bad since compare read it: left out of the plot
+            continue
+        histories[r["path"]] = (m["epoch"], m["test_acc"])
+    fig = figure([r for r in rows if r["path"] in histories], histories)
+    try:
+        store.write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    except OSError as e:
+        raise ScoretrainError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+    return fig

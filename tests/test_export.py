@@ -1,0 +1,181 @@
+"""`scoretrain export`: the .npz alone, run by a forward pass written here in plain NumPy, gives
+exactly `scoretrain eval`'s test accuracy."""
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scoretrain import store
+from scoretrain.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+FC = str(ROOT / "configs/mnist_fc.yaml")
+runner = CliRunner()
+_built = {}  # each run is trained once per session
+
+RUNS = {
+    "mlp": ["model.k=0.3"],
+    "lenet": ["model.arch=lenet", "model.width=0.25", "train.epochs=1"],
+    "dense": ["model.method=dense"],
+    # biprop with non-constant weights: W_eff = alpha * sign(W) * mask, alpha != |W|
+    "biprop": ["model.method=biprop", "model.init=kaiming_normal", "model.k=0.4"],
+}
+
+
+@pytest.fixture
+def trained(small, tmp_path_factory):
+    def get(name):
+        if name not in _built:
+            runs = tmp_path_factory.mktemp("export-runs")
+            result = runner.invoke(app, ["fit", FC, *small, *RUNS[name], "--name", name, "--runs-dir", str(runs), "-q"])
+            assert result.exit_code == 0, result.output
+            _built[name] = runs / name
+        return _built[name]
+
+    return get
+
+
+def mnist_test(n):
+    """The first n MNIST test images (uint8 [n, 28, 28, 1]) and labels, straight from the IDX files."""
+    with gzip.open(ROOT / "data/mnist/t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+    with gzip.open(ROOT / "data/mnist/t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images[:n], labels[:n]
+
+
+# --- a forward pass from the .npz alone: numpy and json only, nothing of scoretrain ------------
+
+
+def conv_same(x, w):
+    """[N, H, W, C] * [O, kh, kw, C] -> [N, H, W, O]: zero 'same' padding, stride 1, as im2col."""
+    o, kh, kw, c = w.shape
+    n, h, wd, _ = x.shape
+    p = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    cols = np.stack([p[:, i : i + h, j : j + wd] for i in range(kh) for j in range(kw)], axis=3)  # [N, H, W, kh*kw, C]
+    return (cols.reshape(n * h * wd, kh * kw * c) @ w.reshape(o, -1).T).reshape(n, h, wd, o)
+
+
+def predict(npz_path, pixels):
+    z = np.load(npz_path)  # no allow_pickle: plain arrays and strings only
+    x = pixels.astype(np.float32) / np.float32(255)
+    x = (x - z["input_mean"]) / z["input_std"]
+    for layer in json.loads(str(z["architecture"])):
+        kind = layer["type"]
+        if kind == "linear":
+            x = x @ z[layer["weight"]].T
+        elif kind == "conv":
+            x = conv_same(x, z[layer["weight"]])
+        elif kind == "relu":
+            x = np.maximum(x, 0)
+        elif kind == "maxpool":
+            n, h, w, c = x.shape
+            x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+        elif kind == "flatten":
+            x = x.reshape(len(x), -1)
+        else:
+            raise AssertionError(f"unknown layer {kind}")
+    return x.argmax(1)
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def export(run_dir, dest, *args):
+    return runner.invoke(app, ["export", str(run_dir), "--to", str(dest), *args])
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_the_npz_alone_reproduces_eval_exactly(trained, tmp_path, name):
+    run_dir = trained(name)
+    result = export(run_dir, tmp_path / "net.npz")
+    assert result.exit_code == 0, result.output
+    ev = runner.invoke(app, ["eval", str(run_dir), "--json"])
+    assert ev.exit_code == 0, ev.output
+    ev = json.loads(ev.stdout)
+    images, labels = mnist_test(ev["test_samples"])
+    correct = int((predict(tmp_path / "net.npz", images) == labels).sum())
+    assert correct / len(labels) == ev["test_acc"] == ev["recorded_test_acc"]
+    assert ev["test_acc"] > 0.5  # a network that learned, not one that happens to agree on noise
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_the_npz_holds_the_effective_weights_and_the_architecture(trained, tmp_path, name):
+    run_dir = trained(name)
+    assert export(run_dir, tmp_path / "net.npz").exit_code == 0
+    z = np.load(tmp_path / "net.npz")
+    run = store.load(run_dir)
+    arch = json.loads(str(z["architecture"]))
+    weight_layers = [layer for layer in arch if layer["type"] in ("linear", "conv")]
+    assert [layer["weight"] for layer in weight_layers] == [f"weight_{i:02d}" for i in range(len(run.weights))]
+    assert sorted(k for k in z.files if k.startswith("weight_")) == [layer["weight"] for layer in weight_layers]
+    assert arch[-1]["type"] == "linear" and arch[-1]["shape"] == [10, weight_layers[-1]["shape"][1]]
+    for layer, w in zip(weight_layers, run.weights):
+        assert list(z[layer["weight"]].shape) == layer["shape"] == list(w.shape)
+        assert z[layer["weight"]].dtype == np.float32
+    assert z["image_shape"].tolist() == [28, 28, 1] and int(z["n_classes"]) == 10
+    assert z["input_mean"].tolist() == np.float32(run.attrs["input_mean"]).reshape(-1).tolist()
+    info = json.loads(str(z["info"]))
+    assert info["format"] == "scoretrain-subnetwork" and info["epochs_done"] == run.epochs_done
+    assert info["test_acc"] == run.metrics["test_acc"][-1]
+    weights = [z[layer["weight"]] for layer in weight_layers]
+    if name == "dense":
+        for we, w in zip(weights, run.weights):
+            np.testing.assert_array_equal(we, w)
+    elif name == "biprop":
+        for we, w, m in zip(weights, run.weights, run.masks):
+            alpha = np.abs(w[m]).astype(np.float64).mean()
+            assert np.array_equal(we != 0, m) and np.array_equal(np.sign(we[m]), np.sign(w[m]))
+            np.testing.assert_allclose(np.abs(we[m]), alpha, rtol=1e-5)  # one magnitude per layer
+    else:
+        for we, w, m in zip(weights, run.weights, run.masks):
+            np.testing.assert_array_equal(we, w * m)
+    if name == "lenet":
+        assert [layer["type"] for layer in arch] == ["conv", "relu", "maxpool", "conv", "relu", "maxpool", "flatten",
+                                                     "linear", "relu", "linear"]
+        assert arch[0] == {"type": "conv", "weight": "weight_00", "shape": [8, 5, 5, 1], "padding": "same", "stride": 1}
+
+
+def test_refuses_to_overwrite_unless_forced_and_leaves_no_temp_files(trained, tmp_path):
+    dest = tmp_path / "net.npz"
+    dest.write_bytes(b"keep me")
+    result = export(trained("mlp"), dest)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and "already exists" in result.stderr and "--force" in result.stderr
+    assert dest.read_bytes() == b"keep me"
+    assert export(trained("mlp"), dest, "--force").exit_code == 0
+    assert sorted(np.load(dest).files)[:2] == ["architecture", "image_shape"]
+    assert [p.name for p in tmp_path.iterdir()] == ["net.npz"]  # the temporary file was renamed, none left
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda run, tmp: (tmp / "missing", tmp / "a.npz"), "no such run directory"),
+    (lambda run, tmp: (tmp, tmp / "a.npz"), "not a scoretrain run"),
+    (lambda run, tmp: (run, tmp / "no-folder" / "a.npz"), "no such folder"),
+    (lambda run, tmp: (run, tmp), "is a folder"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, make, message):
+    run_dir, dest = make(trained("mlp"), tmp_path)
+    result = export(run_dir, dest)
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_loader_in_the_docs_works(trained, tmp_path, monkeypatch):
+    """docs/run-format.md's example, run as written, predicts what the forward pass here does."""
+    doc = (ROOT / "docs/run-format.md").read_text()
+    section = doc[doc.index("## Exported subnetworks"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "scoretrain" not in code.replace('"scoretrain-subnetwork"', "")  # no scoretrain imports
+    assert export(trained("lenet"), tmp_path / "subnet.npz").exit_code == 0
+    monkeypatch.chdir(tmp_path)  # the example loads "subnet.npz"
+    space = {}
+    exec(code, space)
+    images, _ = mnist_test(500)
+    np.testing.assert_array_equal(space["predict"](images), predict(tmp_path / "subnet.npz", images))
