@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import resource
+import socket
 import time
 
 import numpy as np
@@ -54,7 +55,6 @@ def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, 
     perm = xp.asarray(np.random.default_rng(0).permutation(n))
     starts = [(i * batch) % (n - batch + 1) for i in range(steps)]
     batches = [perm[s : s + batch] for s in starts]
-    x = x.reshape(len(x), 28, 28, 1)
     for idx in batches[:3]:  # warm-up: first-call costs (BLAS threads, CUDA kernels compiled)
         train_step(net, opt, x[idx], y[idx], 0.01)
     backend.sync()
@@ -111,19 +111,40 @@ def plan(quick: bool) -> tuple[list, list]:
     return main, scaling
 
 
-def table(results: dict):
-    """Edge-popup against dense, case by case, and the width scaling."""
+def run(backend: Backend, x, y, quick: bool, console) -> dict:
+    """Every case of plan(), a line each as it is measured, then the tables. Returns the figures."""
+    results = {"backend": backend.name, "device": backend.device, "host": socket.gethostname(), "main": [], "scaling": []}
+    console.print(f"bench on {backend.name} ({backend.device}); epoch = {TRAIN_SAMPLES} MNIST samples", soft_wrap=True)
+    main_cases, scaling = plan(quick)
+    for group, cases in (("main", main_cases), ("scaling", scaling)):
+        for method, widths, batch, steps in cases:
+            r = measure(backend, x, y, method, widths, batch, steps, min(steps, 30))
+            results[group].append(r)
+            split = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["split"].items())
+            console.print(f"{group:7} {method:10} {'-'.join(map(str, widths)):17} batch {batch:5}  "
+                          f"{r['seconds_per_epoch']:8.3f} s/epoch  {r['samples_per_second']:>11,.0f} samples/s  "
+                          f"[{split}]  RSS +{r['rss_growth_mb']:.1f} MiB", soft_wrap=True, markup=False)
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["peak_gpu_mb"] = max((r["gpu_used_mb"] or 0) for r in results["main"] + results["scaling"]) if backend.is_gpu else None
+    console.print(table(results["main"], f"bench: {backend.name} ({backend.device})"))
+    console.print(table(results["scaling"], "cost against width (784-w-w-10, batch 128)"))
+    gpu = f", peak GPU memory in use {results['peak_gpu_mb']:.0f} MiB" if backend.is_gpu else ""
+    console.print(f"peak RSS {results['peak_rss_mb']:.0f} MiB{gpu}; RSS growth over each timed run is shown per line (0: nothing accumulates per step)")
+    return results
+
+
+def table(rows: list[dict], title: str):
+    """Edge-popup against dense, case by case: seconds per epoch, their ratio, samples/s."""
     from rich.table import Table
 
-    t = Table(title=f"bench: {results['backend']} ({results['device']})", title_justify="left")
+    t = Table(title=title, title_justify="left")
     for col in ("widths", "batch", "edge-popup s/epoch", "dense s/epoch", "ratio", "edge-popup samples/s", "dense samples/s"):
         t.add_column(col, justify="right")
-    rows = results["main"] + results["scaling"]
     pairs = {}
     for r in rows:
-        pairs.setdefault((tuple(r["widths"]), r["batch_size"]), {})[r["method"]] = r
+        pairs.setdefault(("-".join(map(str, r["widths"])), r["batch_size"]), {})[r["method"]] = r
     for (widths, batch), p in pairs.items():
         ep, d = p["edge-popup"], p["dense"]
-        t.add_row("-".join(map(str, widths)), str(batch), f"{ep['seconds_per_epoch']:.3f}", f"{d['seconds_per_epoch']:.3f}",
+        t.add_row(widths, str(batch), f"{ep['seconds_per_epoch']:.3f}", f"{d['seconds_per_epoch']:.3f}",
                   f"{ep['seconds_per_epoch'] / d['seconds_per_epoch']:.2f}", f"{ep['samples_per_second']:,.0f}", f"{d['samples_per_second']:,.0f}")
     return t

@@ -116,6 +116,7 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
     backend = resolve(device or cfg.device)
     dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
     net = train.network(cfg, backend, run.weights, run.scores)
+    net.reseed(cfg.seed, max(run.epochs_done - 1, 0))  # supermask: the last epoch's measuring sample
     w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
     masks_ok = None
     if run.masks is not None:
@@ -142,24 +143,12 @@ def bench(
     """Measure seconds per epoch and samples/s of edge-popup and dense training (a benchmark, not a test)."""
     from . import bench as bench_mod  # only this command needs it
 
-    config_mod.validate(config_mod.Config(device=device))
+    cfg = config_mod.validate(config_mod.Config(device=device))
     backend = resolve(device)
-    cfg = config_mod.Config(device=device)
     dd = train.load_data(cfg, backend)
-    main_cases, scaling = bench_mod.plan(quick)
-    results = {"backend": backend.name, "device": backend.device, "host": socket.gethostname(), "main": [], "scaling": []}
-    console.print(f"bench on {backend.name} ({backend.device}); epoch = 60000 MNIST samples", soft_wrap=True)
-    for group, cases in (("main", main_cases), ("scaling", scaling)):
-        for method, widths, batch, steps in cases:
-            r = bench_mod.measure(backend, dd.x_train, dd.y_train, method, widths, batch, steps, min(steps, 30))
-            results[group].append(r)
-            split = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["split"].items())
-            console.print(f"{group:7} {method:10} {'-'.join(map(str, widths)):17} batch {batch:5}  "
-                          f"{r['seconds_per_epoch']:8.3f} s/epoch  {r['samples_per_second']:>11,.0f} samples/s  [{split}]", soft_wrap=True)
-    results["peak_rss_mb"] = bench_mod.peak_rss_mb()
-    console.print(bench_mod.table(results))
+    results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
     json_path.write_text(json.dumps(results, indent=1))
-    console.print(f"peak RSS {results['peak_rss_mb']:.0f} MiB; figures written to {json_path}")
+    console.print(f"figures written to {json_path}")
 
 
 @app.command("eval")
@@ -179,7 +168,7 @@ def eval_(
     table = Table(title=f"eval {run_dir}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", f"{result['status']} ({result['epochs']} epochs)")
+    table.add_row("status", f"{result['status']} ({result['epochs']} epoch{'' if result['epochs'] == 1 else 's'})")
     table.add_row("test acc", f"{100 * result['test_acc']:.2f}%  (loss {result['test_loss']:.4f}, {result['test_samples']} samples)")
     if result["recorded_test_acc"] is not None:
         same = "reproduced exactly" if result["matches_record"] else "differs"
@@ -197,7 +186,7 @@ def compare(
     sort: str = typer.Option("k", "--sort", help="k (default: a K sweep in order of k), name, method, widths, init, epochs, status, best, final or seconds. Accuracies sort best first, the rest ascending; ties by name; runs without the value last."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts (full precision)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows for scripts (full precision)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw final test accuracy against k and test accuracy per epoch into FILE.png or FILE.svg (needs: pip install 'scoretrain[plot]').", show_default=False, metavar="FILE"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw final test accuracy against k and test accuracy per epoch into FILE.png or FILE.svg (needs: pip install 'scoretrain\\[plot]').", show_default=False, metavar="FILE"),
 ) -> None:
     """Compare runs side by side: method, widths, k, epochs, status, best and final test accuracy, s/epoch.
 

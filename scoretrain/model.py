@@ -322,6 +322,7 @@ class Network:
         resumed run samples the same masks."""
         if self.method == "supermask":
             self.rng = self.xp.random.default_rng(int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0]))
+            self.measure_seed = int(np.random.SeedSequence([seed, epoch, 3]).generate_state(1)[0])
 
     def effective_weights(self, train: bool = True) -> list:
         """W_eff per layer (views of one buffer); the masks are kept in self.masks."""
@@ -339,15 +340,17 @@ class Network:
     def _select(self, train: bool) -> None:
         xp = self.xp
         if self.method == "supermask":
-            # Zhou et al.: M ~ Bernoulli(sigmoid(S)) while training; the most likely mask
-            # (sigmoid(S) > 0.5, i.e. S > 0) when measuring.
+            # Zhou et al.: M ~ Bernoulli(sigmoid(S)), a fresh sample every step. Measuring uses one
+            # sample too, fixed per (seed, epoch) so that it is reproducible and can be stored: the
+            # most likely mask (S > 0) keeps every weight with p > 0.5 at full strength, a network
+            # training never saw, and measures far worse.
+            if self.rng is None:
+                self.reseed(0, 0)
             if train:
-                if self.rng is None:
-                    self.reseed(0, 0)
                 u = self.rng.random(self.s_flat.shape, dtype=np.float32)
-                xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
-            else:
-                xp.greater(self.s_flat, 0, out=self.m_flat)
+            else:  # drawn on the host (once an epoch): the same stored mask on NumPy and CuPy
+                u = xp.asarray(np.random.default_rng(self.measure_seed).random(self.s_flat.shape, dtype=np.float32))
+            xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
             a = xp.abs(self.s_flat, out=self._tmp)
             for g, (lo, hi) in enumerate(self.groups):

@@ -168,6 +168,13 @@ def _write_h5(path: Path, run: Run) -> None:
 def load(run_dir: Path, with_optimizer: bool = False) -> Run:
     """Read a run directory's run.h5, with a one-line RunError for anything that is not a
     readable run of a format this version knows."""
+    return _read_run_file(run_dir, lambda f, path: _read_h5(f, path, with_optimizer))
+
+
+def _read_run_file(run_dir: Path, read):
+    """Check that `run_dir` is a run directory with a run.h5, open that read-only (without
+    HDF5 file locking, so a run being trained can be read) and return `read(f, path)`. Every
+    way it can fail is a one-line RunError; an h5py error means a corrupt or truncated file."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not run_dir.is_dir():
@@ -179,20 +186,27 @@ def load(run_dir: Path, with_optimizer: bool = False) -> Run:
         raise RunError(f"{run_dir}: not a scoretrain run (no {RUN_FILE})")
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return _read_h5(f, path, with_optimizer)
+            return read(f, path)
     except RunError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise RunError(f"{path}: corrupt or truncated run file ({str(e).splitlines()[0]})") from None
 
 
-def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
+def _read_attrs(f: h5py.File, path: Path) -> dict:
+    """run.h5's root attributes as plain Python values, refusing a file that is not a
+    scoretrain run or is of a newer format_version than this version reads."""
     attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     if attrs.get("format") != FORMAT:
         raise RunError(f"{path}: not a scoretrain run file (format attribute {attrs.get('format')!r})")
     version = int(attrs.get("format_version", -1))
     if version > FORMAT_VERSION:
         raise RunError(f"{path}: format_version {version} is newer than this scoretrain ({__version__}) reads ({FORMAT_VERSION}); upgrade scoretrain")
+    return attrs
+
+
+def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
+    attrs = _read_attrs(f, path)
     layers = [f["layers"][name] for name in sorted(f["layers"])]
     weights = [g["weight"][()] for g in layers]
     has_scores = all("scores" in g for g in layers)
@@ -231,26 +245,11 @@ def load_summary(run_dir: Path) -> Run:
     """Read only run.h5's root attributes and /metrics: no weights, scores, masks or optimizer
     state, so it stays fast on wide nets (`scoretrain compare`). The Run it returns has no
     weights. Refuses what `load` refuses, with the same one-line RunErrors."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise RunError(f"{run_dir}: not a scoretrain run (no {RUN_FILE})")
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-            if attrs.get("format") != FORMAT:
-                raise RunError(f"{path}: not a scoretrain run file (format attribute {attrs.get('format')!r})")
-            version = int(attrs.get("format_version", -1))
-            if version > FORMAT_VERSION:
-                raise RunError(f"{path}: format_version {version} is newer than this scoretrain ({__version__}) reads ({FORMAT_VERSION}); upgrade scoretrain")
-            metrics = {key: f["metrics"][key][()].tolist() for key in METRICS}
-    except RunError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise RunError(f"{path}: corrupt or truncated run file ({str(e).splitlines()[0]})") from None
-    return Run(attrs=attrs, weights=[], metrics=metrics)
+    return _read_run_file(run_dir, _read_summary)
+
+
+def _read_summary(f: h5py.File, path: Path) -> Run:
+    return Run(attrs=_read_attrs(f, path), weights=[], metrics={key: f["metrics"][key][()].tolist() for key in METRICS})
 
 
 # --- resuming ---------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
     augmenting = d.crop_padding > 0 or d.flip
     host = lambda arrs: None if arrs is None else [backend.to_host(a) for a in arrs]  # noqa: E731
     if net.scores is not None and run.masks is None:  # the starting masks, that mask_change counts from
+        net.reseed(cfg.seed, 0)
         net.effective_weights(train=False)
         run.masks = host(net.masks)
     for epoch in range(run.epochs_done, t.epochs):
@@ -218,6 +219,6 @@ def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
 def check_resumable(run: store.Run, run_dir) -> None:
     status = store.live_status(run)
     if status == "completed":
-        raise RunError(f"{run_dir}: the run is already completed ({run.epochs_done} epochs); nothing to resume")
+        raise RunError(f"{run_dir}: the run is already completed ({run.epochs_done} epoch{'' if run.epochs_done == 1 else 's'}); nothing to resume")
     if status == "running":
         raise RunError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); resume it once it has stopped")

@@ -165,7 +165,7 @@ CASES = [
     ("eval newer format", lambda w: ["eval", str(w.runs / "newer")], 1, ["newer/run.h5: format_version 2 is newer than this scoretrain", "reads (1); upgrade scoretrain"]),
     ("eval bad device", lambda w: ["eval", str(w.runs / "done"), "--device", "tpu"], 2, ["device: expected auto, cpu, gpu or gpu:N, got 'tpu'"]),
     # resume
-    ("resume completed", lambda w: ["fit", "--resume", str(w.runs / "done")], 1, ["runs/done: the run is already completed (1 epochs); nothing to resume"]),
+    ("resume completed", lambda w: ["fit", "--resume", str(w.runs / "done")], 1, ["runs/done: the run is already completed (1 epoch); nothing to resume"]),
     ("resume with a config", lambda w: ["fit", FC, "--resume", str(w.runs / "done")], 2, ["--resume takes no config or overrides"]),
     ("resume with overrides", lambda w: ["fit", "--resume", str(w.runs / "done"), "train.epochs=5"], 2, ["--resume takes no config or overrides"]),
     ("resume missing", lambda w: ["fit", "--resume", str(w.runs / "missing")], 1, ["runs/missing: no such run directory"]),

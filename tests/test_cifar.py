@@ -1,9 +1,9 @@
 """CIFAR-10 (the python version) and augmentation.
 
 The archives are built here in the real format (a .tar.gz of pickled batches, CHW pixel rows),
-tiny (20 images a batch), and served from a local HTTP server on 127.0.0.1 whose first path
-segment picks its behaviour: /good/, /corrupt/ (one byte flipped), /truncated/ (half the
-promised body, then the connection closes), anything else 404.
+tiny (20 images a batch), and served from a local HTTP server on 127.0.0.1 (mirror_server in
+conftest.py) whose first path segment picks its behaviour: /good/, /corrupt/ (one byte
+flipped), /truncated/ (half the promised body, then the connection closes), anything else 404.
 """
 
 import gzip
@@ -11,8 +11,6 @@ import hashlib
 import io
 import pickle
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -80,35 +78,12 @@ def expected(batches: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat[i, ch * 1024 + r * 32 + c], np.concatenate([batches[n][b"labels"] for n in names])
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.server.hits.append(self.path)
-        mode, _, name = self.path.strip("/").partition("/")
-        body = self.server.files.get(name)
-        if body is None or mode not in ("good", "corrupt", "truncated"):
-            self.send_error(404)
-            return
-        if mode == "corrupt":
-            body = body[:-100] + bytes([body[-100] ^ 1]) + body[-99:]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if mode == "truncated" else body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def serve(monkeypatch, tmp_path):
+def serve(mirror_server, monkeypatch, tmp_path):
     """serve(body, *modes): put `body` on the server as the archive, point the mirrors at it in
     the given modes, and set the spec's checksum to the body's. The cache is in tmp_path."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.hits = {}, []
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    srv.stop = lambda: (srv.shutdown(), srv.server_close())
-    srv.url = lambda mode: f"http://127.0.0.1:{srv.server_address[1]}/{mode}/"
+    srv = mirror_server
+    srv.corrupt_at = 100
     monkeypatch.setenv("SCORETRAIN_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "REPO_DATA", tmp_path / "repo")
 
@@ -119,9 +94,7 @@ def serve(monkeypatch, tmp_path):
         monkeypatch.setenv("SCORETRAIN_MIRRORS", ",".join(srv.url(m) for m in modes))
         return srv
 
-    yield serve
-    if thread.is_alive():
-        srv.stop()
+    return serve
 
 
 @pytest.fixture

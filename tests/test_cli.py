@@ -102,3 +102,14 @@ def test_run_file_is_readable_while_training_would_be(tmp_path, small):
     assert fit(tmp_path, *small, "train.epochs=1", "--name", "r").exit_code == 0
     with h5py.File(tmp_path / "r" / "run.h5", "r", locking=False) as f:
         assert f["metrics/epoch"].shape == (1,)
+
+
+@pytest.mark.parametrize("variant", [["model.method=biprop"], ["model.method=supermask", "train.lr=50", "train.weight_decay=0"],
+                                     ["model.k_scope=global"], ["model.arch=lenet", "model.width=0.125"]])
+def test_every_method_and_arch_is_reproduced_by_eval(tmp_path, small, variant):
+    assert fit(tmp_path, *small, *variant, "--name", "r").exit_code == 0
+    run = store.load(tmp_path / "r")
+    assert run.metrics["test_acc"][-1] > 0.3  # learned something (chance: 0.1)
+    out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"]).output)
+    assert out["matches_record"] is True and out["masks_match_scores"] is True
+    assert len(run.mask_change_layers) == 2 and all(0 <= c <= 1 for row in run.mask_change_layers for c in row)

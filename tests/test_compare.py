@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import pytest
@@ -17,23 +16,14 @@ from typer.testing import CliRunner
 from scoretrain import store
 from scoretrain.cli import app
 
-FC = str(Path(__file__).resolve().parent.parent / "configs/mnist_fc.yaml")
 runner = CliRunner()
-_built = {}  # the sweep is trained once; every test gets its own copy to break
 
 
 @pytest.fixture
-def runs(small, tmp_path_factory, tmp_path):
+def runs(sweep):
     """A folder of runs: k0.3 and k0.7 (edge-popup, 2 epochs) and dense (1 epoch)."""
-    if "sweep" not in _built:
-        sweep = tmp_path_factory.mktemp("sweep")
-        for args in (["model.k=0.7", "--name", "k0.7"], ["model.k=0.3", "--name", "k0.3"],
-                     ["model.method=dense", "train.epochs=1", "--name", "dense"]):
-            result = runner.invoke(app, ["fit", FC, *small, *args, "--runs-dir", str(sweep), "-q"])
-            assert result.exit_code == 0, result.output
-        _built["sweep"] = sweep
-    shutil.copytree(_built["sweep"], tmp_path / "runs")
-    return tmp_path / "runs"
+    return sweep("sweep", [["model.k=0.7", "--name", "k0.7"], ["model.k=0.3", "--name", "k0.3"],
+                           ["model.method=dense", "train.epochs=1", "--name", "dense"]])
 
 
 def compare(*args):
@@ -188,7 +178,7 @@ def empty_folder(runs, tmp):
     (lambda runs, tmp: runs / "k0.3" / "config.yaml", "not a run directory"),
     (empty_folder, "no runs here"),
     (garbage_run_file, "corrupt or truncated run file"),
-    (no_run_file, "not a scoretrain run (no run.h5)"),
+    (no_run_file, "the run stopped before its first checkpoint (no run.h5)"),
     (newer_format, "format_version 2 is newer"),
     (bad_config, "model.k: expected a fraction"),
 ])

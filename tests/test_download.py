@@ -1,13 +1,12 @@
 """Downloading datasets, against a local HTTP server on 127.0.0.1 that serves tiny IDX files.
 
-The server's first path segment picks its behaviour: /good/, /corrupt/ (one byte flipped),
-/truncated/ (half the promised body, then the connection closes), anything else 404.
+The server (mirror_server in conftest.py) takes its behaviour from the first path segment:
+/good/, /corrupt/ (one byte flipped), /truncated/ (half the promised body, then the connection
+closes), anything else 404.
 """
 
 import gzip
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -45,36 +44,10 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.server.hits.append(self.path)
-        mode, _, name = self.path.strip("/").partition("/")
-        body = self.server.files.get(name)
-        if body is None or mode not in ("good", "corrupt", "truncated"):
-            self.send_error(404)
-            return
-        if mode == "corrupt":
-            body = body[:-20] + bytes([body[-20] ^ 1]) + body[-19:]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if mode == "truncated" else body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server(files):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.hits = files, []
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    srv.url = lambda mode: f"http://127.0.0.1:{srv.server_address[1]}/{mode}/"
-    srv.stop = lambda: (srv.shutdown(), srv.server_close())
-    yield srv
-    if thread.is_alive():
-        srv.stop()
+def server(mirror_server, files):
+    mirror_server.files = files
+    return mirror_server
 
 
 @pytest.fixture

@@ -219,15 +219,21 @@ def test_biprop_uses_scaled_signs_of_the_kept_weights():
         np.testing.assert_allclose(we, alpha * np.sign(w) * m)
 
 
-def test_supermask_samples_while_training_and_thresholds_when_measuring():
+def test_supermask_samples_while_training_and_a_fixed_sample_when_measuring():
     net, _, _ = problem("supermask")
+    net.scores[0][:] = 0.0
+    net.scores[0][0, :4] = 30.0  # p = 1: always kept
+    net.scores[0][1, :4] = -30.0  # p = 0: never kept
     net.reseed(0, 0)
     a = [m.copy() for m in (net.effective_weights(True) and net.masks)]
     b = [m.copy() for m in (net.effective_weights(True) and net.masks)]
     assert any(not np.array_equal(x, z) for x, z in zip(a, b))  # a fresh sample per step
-    net.effective_weights(False)
-    for s, m in zip(net.scores, net.masks):
-        np.testing.assert_array_equal(m, s > 0)
+    assert a[0][0, :4].all() and not a[0][1, :4].any()
+    assert 0.4 < a[0][2:].mean() < 0.6  # p = 0.5
+    m1 = [m.copy() for m in (net.effective_weights(False) and net.masks)]
+    m2 = [m.copy() for m in (net.effective_weights(False) and net.masks)]
+    for x, z in zip(m1, m2):
+        np.testing.assert_array_equal(x, z)  # measuring: one sample, the same every time in an epoch
     net.reseed(0, 0)
     c = [m.copy() for m in (net.effective_weights(True) and net.masks)]
     for x, z in zip(a, c):
@@ -242,3 +248,65 @@ def test_scores_decide_the_mask_not_the_weights():
     net.effective_weights()
     assert net.masks[0][0, :3].all()
     assert not np.array_equal(before[0], net.masks[0])
+
+
+def test_bench_measures_a_small_case():
+    """The benchmark's own code path runs and reports sane figures (a smoke test, not a timing)."""
+    from scoretrain import bench
+    from scoretrain.backend import resolve
+
+    x = np.random.default_rng(0).standard_normal((512, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 512)
+    r = bench.measure(resolve("cpu"), x, y, "edge-popup", [784, 32, 10], 64, 6, 3)
+    assert r["seconds_per_step"] > 0 and r["samples_per_second"] > 0
+    assert abs(sum(r["split"].values()) - 1) < 1e-9 and set(r["split"]) == {"select", "forward", "backward", "optimizer"}
+
+
+# --- the CuPy code path, run on NumPy -----------------------------------------------------------
+
+
+class ForeignNumpy:
+    """NumPy under another name. As `xp` it is not `np`, so the branches written for CuPy (the
+    partition + cumsum top-k in topk_mask) run here on the CPU, where CI has no GPU to run them."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1000, 1), (1000, 500), (1000, 999), (1000, 1000), (7919, 2000)])
+def test_device_topk_branch_is_exact_and_writes_into_a_view(n, k):
+    rng = np.random.default_rng(n + k)
+    for a in (np.abs(rng.standard_normal(n)).astype(np.float32), rng.integers(0, 4, n).astype(np.float32)):
+        buf = np.zeros(n + 10, dtype=bool)  # the mask lands in a view, as in Network's flat m_flat[lo:hi]
+        mask, _ = topk_mask(ForeignNumpy(), a, k, out=buf[5 : 5 + n])
+        np.testing.assert_array_equal(mask, stable_topk(a, k))
+        np.testing.assert_array_equal(buf[5 : 5 + n], mask)
+        assert not buf[:5].any() and not buf[5 + n :].any()
+
+
+@pytest.mark.parametrize("method", ["edge-popup", "biprop", "supermask", "dense"])
+@pytest.mark.parametrize("arch,k_scope,image", [("mlp", "layer", (28, 28, 1)), ("mlp", "global", (28, 28, 1)),
+                                                ("conv2", "layer", (32, 32, 3)), ("lenet", "global", (28, 28, 1))])
+def test_device_code_path_trains_bit_identically_to_the_numpy_path(method, arch, k_scope, image):
+    """Every `xp is not np` branch, run on NumPy, gives the NumPy path's losses, masks and learned
+    tensors bit for bit: the GPU code differs from the CPU code only in where it runs."""
+    from scoretrain import optim
+    from scoretrain.config import TrainConfig
+    from scoretrain.train import train_step
+
+    cfg = ModelConfig(method=method, arch=arch, widths=[784, 64, 32, 10], width=0.125, k=0.4, k_scope=k_scope)
+    w, s = init_network(cfg, 0, image)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3 * 16, *image)).astype(np.float32), rng.integers(0, 10, 3 * 16)
+    runs = []
+    for xp in (np, ForeignNumpy()):
+        net = Network(xp, cfg, w, s, image)
+        opt = optim.make(xp, net.params, TrainConfig())
+        net.reseed(0, 0)
+        losses = [float(train_step(net, opt, x[i : i + 16], y[i : i + 16], 0.1)[0]) for i in range(0, len(y), 16)]
+        net.effective_weights(train=False)
+        runs.append((losses, [p.copy() for p in net.params], None if net.masks is None else [m.copy() for m in net.masks]))
+    (l_np, p_np, m_np), (l_dev, p_dev, m_dev) = runs
+    assert l_np == l_dev
+    for a, b in zip(p_np + (m_np or []), p_dev + (m_dev or [])):
+        np.testing.assert_array_equal(a, b)

@@ -5,7 +5,6 @@ import json
 import shutil
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -14,25 +13,16 @@ from scoretrain import compare as compare_mod
 from scoretrain import plot as plot_mod
 from scoretrain.cli import app
 
-FC = str(Path(__file__).resolve().parent.parent / "configs/mnist_fc.yaml")
 runner = CliRunner()
-_built = {}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def runs(small, tmp_path_factory, tmp_path):
+def runs(sweep):
     """A sweep: edge-popup at k 0.3 and 0.7, biprop at k 0.5 (2 epochs each), dense (1 epoch)."""
-    if "sweep" not in _built:
-        sweep = tmp_path_factory.mktemp("plot-sweep")
-        for args in (["model.k=0.3", "--name", "ep-k0.3"], ["model.k=0.7", "--name", "ep-k0.7"],
-                     ["model.method=biprop", "model.k=0.5", "--name", "bp-k0.5"],
-                     ["model.method=dense", "train.epochs=1", "--name", "dense"]):
-            result = runner.invoke(app, ["fit", FC, *small, *args, "--runs-dir", str(sweep), "-q"])
-            assert result.exit_code == 0, result.output
-        _built["sweep"] = sweep
-    shutil.copytree(_built["sweep"], tmp_path / "runs")
-    return tmp_path / "runs"
+    return sweep("plot-sweep", [["model.k=0.3", "--name", "ep-k0.3"], ["model.k=0.7", "--name", "ep-k0.7"],
+                                ["model.method=biprop", "model.k=0.5", "--name", "bp-k0.5"],
+                                ["model.method=dense", "train.epochs=1", "--name", "dense"]])
 
 
 def rows(path):

@@ -8,9 +8,11 @@ ST=${SCORETRAIN:-.venv/bin/scoretrain}
 OUT=${OUT:-runs/width_sweep}
 JOBS=${JOBS:-2}
 if [ "$JOBS" -gt 1 ]; then export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}; fi  # see k_sweep.sh
-export ST OUT
 KEPT=$(( (784 * 200 + 200 * 200 + 200 * 10) / 2 ))
 for w in 200 400 800 1600; do
-  echo "$w $(python3 -c "print(round($KEPT / (784 * $w + $w * $w + $w * 10), 4))")"  # width, k
-done | xargs -P "$JOBS" -n 2 sh -c '"$ST" fit configs/mnist_fc.yaml "model.widths=[784,$0,$0,10]" model.k=$1 --name "w$0" --runs-dir "$OUT" -q'
-"$ST" compare "$OUT" --sort name
+  k=$(python3 -c "print(round($KEPT / (784 * $w + $w * $w + $w * 10), 4))")
+  "$ST" fit configs/mnist_fc.yaml "model.widths=[784,$w,$w,10]" model.k="$k" "$@" --name "w$w" --runs-dir "$OUT" -q &
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done  # at most JOBS at a time
+done
+wait
+"$ST" compare "$OUT" --sort k
