@@ -399,17 +399,27 @@ class Network:
         xp = self.xp
         if self.method == "edge-popup":  # W_eff = W * M(|S|) ~ W * |S|
             g *= self.w_flat
-            g *= xp.sign(self.s_flat, out=self._tmp)
+            times_sign(xp, g, self.s_flat, self._tmp)
         elif self.method == "biprop":  # W_eff = alpha * sign(W) * M(|S|), alpha held constant
             g *= self.w_sign
             for i, (lo, hi) in enumerate(self.layer_bounds):
                 g[lo:hi] *= self.alphas[i]
-            g *= xp.sign(self.s_flat, out=self._tmp)
+            times_sign(xp, g, self.s_flat, self._tmp)
         elif self.method == "supermask":  # W_eff = W * M, E[M] = sigmoid(S)
             p = sigmoid(xp, self.s_flat, out=self._tmp)
             g *= self.w_flat
             g *= p
             g *= 1 - p
+
+
+def times_sign(xp, g, s, scratch) -> None:
+    """g *= sign(s), in place, by XOR-ing s's sign bit into g's: exact, and about 3x faster than
+    multiplying by xp.sign(s), the slowest elementwise op of a step. Where s == 0, g is kept
+    (the straight-through derivative of |s| at 0 is a convention either way)."""
+    uint = {4: xp.uint32, 8: xp.uint64}[g.dtype.itemsize]
+    sign_bit = uint(1 << (8 * g.dtype.itemsize - 1))
+    bits = xp.bitwise_and(s.view(uint), sign_bit, out=scratch.view(uint))
+    xp.bitwise_xor(g.view(uint), bits, out=g.view(uint))
 
 
 def sigmoid(xp, x, out=None):

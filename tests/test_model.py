@@ -310,3 +310,14 @@ def test_device_code_path_trains_bit_identically_to_the_numpy_path(method, arch,
     assert l_np == l_dev
     for a, b in zip(p_np + (m_np or []), p_dev + (m_dev or [])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_times_sign_is_multiplying_by_the_sign(dtype):
+    from scoretrain.model import times_sign
+
+    rng = np.random.default_rng(0)
+    g, s = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
+    expected = g * np.sign(s)
+    times_sign(np, g, s, np.empty_like(g))
+    np.testing.assert_array_equal(g, expected)
