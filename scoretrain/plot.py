@@ -48,7 +48,7 @@ def labels(keys: list[tuple]) -> tuple[dict, str]:
 def figure(rows: list[dict], histories: dict[str, tuple[list, list]]):
     """The two-panel figure. rows: compare's rows; histories: a row's path -> (epochs, test_acc).
     Left: one line per group (runs without k, dense and supermask, as dashed horizontal lines);
-    right: one line per run, in its group's colour."""
+    right: one line per run, in its group's colour (shades by k when there is one group)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -82,9 +82,17 @@ def figure(rows: list[dict], histories: dict[str, tuple[list, list]]):
     by_k.grid(alpha=0.3)
     by_k.legend(fontsize="small")
 
+    # One group (a plain k sweep): each run its own shade, darker for larger k, so lines can be told
+    # apart; several groups: each run in its group's colour.
+    if len(groups) == 1:
+        from matplotlib import colormaps
+
+        ordered = sorted(rows, key=lambda r: (r["k"] is None, r["k"] or 0, r["name"]))
+        shade = {r["path"]: colormaps["viridis_r"](0.15 + 0.8 * i / max(1, len(ordered) - 1)) for i, r in enumerate(ordered)}
     for r in rows:
         epochs, acc = histories[r["path"]]
-        by_epoch.plot(epochs, [100 * a for a in acc], color=colour[group_key(r)], marker="o", markersize=3, label=r["name"])
+        c = shade[r["path"]] if len(groups) == 1 else colour[group_key(r)]
+        by_epoch.plot(epochs, [100 * a for a in acc], color=c, marker="o", markersize=3, label=r["name"])
     by_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch")
     by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
     by_epoch.grid(alpha=0.3)

@@ -9,13 +9,18 @@ flipped), /truncated/ (half the promised body, then the connection closes), anyt
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
 from scoretrain import data
+from scoretrain.cli import app
 from scoretrain.errors import DataError
 
 NAME, ARCHIVE = "cifar10", "cifar-10-python.tar.gz"
@@ -353,3 +358,21 @@ def test_cupy_and_numpy_give_identical_augmentations():
 def test_an_explicit_root_without_the_archive_names_it(tmp_path):
     with pytest.raises(DataError, match=rf"files not found in {tmp_path}/{NAME} \(expected cifar-10-python\.tar\.gz\)$"):
         data.load(NAME, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the shipped configs
+
+@pytest.mark.parametrize("arch", ["conv2", "conv6", "conv8"])
+def test_shipped_cifar_config_trains_end_to_end_on_fixture_data(serve, batches, tmp_path, arch):
+    """configs/cifar10_convN.yaml through `fit` (download, verify, augment, train, checkpoint)
+    and `eval`, on the fixture archive and a thin net: the smoke run of the CIFAR-10 path."""
+    serve(archive(batches), "good")
+    config = Path(__file__).resolve().parent.parent / "configs" / f"cifar10_{arch}.yaml"
+    runner = CliRunner()
+    args = ["fit", str(config), "model.width=0.0625", "train.epochs=2", "train.batch_size=25", "device=cpu",
+            "--runs-dir", str(tmp_path / "runs"), "--name", "smoke"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "runs" / "smoke"), "--json"]).output)
+    assert out["epochs"] == 2 and out["matches_record"] is True and out["masks_match_scores"] is True
+    assert out["test_samples"] == N
