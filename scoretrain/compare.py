@@ -27,7 +27,7 @@ from . import store
 from .errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
-          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "error")
+          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "error")
 K_METHODS = ("edge-popup", "biprop")  # the methods that keep a fixed fraction k of the weights
 
 # --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
@@ -71,7 +71,7 @@ def read_row(run_dir: Path) -> dict:
     row.update(name=run_dir.name, path=str(run_dir), method=model.method,
                widths=list(model.widths) if mlp else None, arch=model.arch, width=None if mlp else model.width,
                k=model.k if has_k else None, k_scope=model.k_scope if has_k else None,
-               init=model.init, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run))
+               init=model.init, scale_fan=model.scale_fan, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run))
     if m["epoch"]:
         best = max(range(len(m["test_acc"])), key=m["test_acc"].__getitem__)  # the first epoch on ties
         row.update(best_test_acc=m["test_acc"][best], best_epoch=m["epoch"][best], final_test_acc=m["test_acc"][-1],

@@ -32,14 +32,16 @@ def check(path: Path) -> str:
 
 def group_key(row: dict) -> tuple:
     """Runs with the same key differ only in k (or in what the plot does not show: seed, lr, ...)."""
-    return (row["method"], net_name(row), row["init"], row["k_scope"] if row["k_scope"] == "global" else None)
+    return (row["method"], net_name(row), row["init"], row["k_scope"] if row["k_scope"] == "global" else None,
+            "scaled" if row.get("scale_fan") else None)
 
 
 def labels(keys: list[tuple]) -> tuple[dict, str]:
     """A legend label per group with only what tells the groups apart, and the shared rest (for
     the title): a k sweep of one net against its dense baseline reads `edge-popup` / `dense`."""
-    parts = [[p if i < 3 else ("global k" if p else None) for i, p in enumerate(key)] for key in keys]
-    varying = [i for i in range(4) if len({p[i] for p in parts}) > 1] or [0]
+    flags = {3: "global k", 4: "scaled init"}
+    parts = [[p if i < 3 else (flags[i] if p else None) for i, p in enumerate(key)] for key in keys]
+    varying = [i for i in range(len(flags) + 3) if len({p[i] for p in parts}) > 1] or [0]
     shared = " ".join(str(p) for i, p in enumerate(parts[0]) if i not in varying and p) if parts else ""
     names = {key: " ".join(str(p[i]) for i in varying if p[i]) for key, p in zip(keys, parts)}
     return {key: name or "per-layer k" for key, name in names.items()}, shared  # empty: differs only in not being global

@@ -102,10 +102,11 @@ def test_without_matplotlib_one_line_tells_how_to_install_it(runs, tmp_path, mon
 
 
 def test_labels_name_only_what_differs():
-    keys = [("edge-popup", "784-64-10", "signed_constant", None), ("edge-popup", "lenet x0.25", "signed_constant", None),
-            ("edge-popup", "784-64-10", "signed_constant", "global")]
+    keys = [("edge-popup", "784-64-10", "signed_constant", None, None), ("edge-popup", "lenet x0.25", "signed_constant", None, None),
+            ("edge-popup", "784-64-10", "signed_constant", "global", None), ("edge-popup", "784-64-10", "signed_constant", None, "scaled")]
     names, shared = plot_mod.labels(keys)
-    assert list(names.values()) == ["784-64-10", "lenet x0.25", "784-64-10 global k"] and shared == "edge-popup signed_constant"
+    assert list(names.values()) == ["784-64-10", "lenet x0.25", "784-64-10 global k", "784-64-10 scaled init"]
+    assert shared == "edge-popup signed_constant"
     assert plot_mod.labels(keys[:1]) == ({keys[0]: "edge-popup"}, "784-64-10 signed_constant")
 
 
