@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import SHAPES
 from .errors import ConfigError
 
 METHODS = ("edge-popup", "dense", "supermask", "biprop")
@@ -25,8 +26,7 @@ INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
 SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "step")
-DATASETS = ("mnist", "fashion-mnist", "kmnist", "cifar10")
-DATA_SHAPE = {"mnist": (784, 10), "fashion-mnist": (784, 10), "kmnist": (784, 10), "cifar10": (3072, 10)}
+DATASETS = tuple(SHAPES)
 
 
 @dataclass
@@ -176,7 +176,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
     _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
     _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
-    n_in, n_out = DATA_SHAPE[d.name]
+    h, w, c, n_out = SHAPES[d.name]
+    n_in = h * w * c  # an MLP sees the image flattened
     _check(m.arch != "mlp" or m.widths[0] == n_in, "model.widths[0]", f"{n_in} (the inputs of {d.name})", m.widths[0])
     _check(m.arch != "mlp" or m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
     for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
