@@ -280,7 +280,7 @@ class Network:
 
     def __init__(self, xp, cfg: ModelConfig, weights: list, scores: list | None,
                  image_shape=(28, 28, 1), n_classes: int = 10):
-        self.xp, self.method, self.k = xp, cfg.method, cfg.k
+        self.xp, self.method = xp, cfg.method
         self.layers = build_layers(xp, cfg, image_shape, n_classes)
         self.weighted = [i for i, l in enumerate(self.layers) if hasattr(l, "shape")]
         shapes = [self.layers[i].shape for i in self.weighted]
