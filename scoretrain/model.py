@@ -31,56 +31,66 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
-def topk_mask(xp, a, k: int, hint=None, out=None):
-    """A bool mask with exactly k True where `a` (>= 0) is largest, and the threshold used.
-    Ties at the threshold go to the lowest flat indices, so the mask equals the first k of a
-    stable descending sort. `hint` (the last step's threshold) only makes it faster. With
-    `out` (a bool array of a's shape) the mask is written there."""
+def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01):
+    """A bool mask with exactly k True where |a| is largest, and the threshold used (the k-th
+    largest |a|). Ties at the threshold go to the lowest flat indices, so the mask equals the
+    first k of a stable descending sort of |a|. `hint` (the last step's threshold) and `band`
+    only make it faster. With `out` (a bool array of a's shape) the mask is written there.
+    On the CPU, `a` is contiguous float32."""
     flat = a.ravel()
     n = flat.size
     mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
     if k >= n:
         mask[...] = True
         return mask.reshape(a.shape), None
-    if xp is not np:  # one partition and no host sync: the GPU path
+    if not fused(xp, flat):  # one partition and no host sync: the GPU path (and float64)
+        flat = xp.abs(flat)
         t = xp.partition(flat, n - k)[n - k]
         ties = flat == t
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
         return mask.reshape(a.shape), t
-    t, n_gt, n_eq = kth_largest(flat, k, hint)
+    t, n_gt, n_eq = kth_largest(flat, k, hint, band)
     if n_gt + n_eq == k:  # no tie straddles the threshold: one pass
-        np.greater_equal(flat, t, out=mask)
-    else:
-        np.greater(flat, t, out=mask)
-        mask[np.flatnonzero(flat == t)[: k - n_gt]] = True
-    return mask.reshape(a.shape), t
+        kernels().at_least(flat, t, mask)
+    else:  # the values above t, then the first k - n_gt ties
+        kernels().at_least(flat, t + 1, mask)
+        mask[np.flatnonzero((flat.view(np.uint32) & kernels().MAGNITUDE) == t)[: k - n_gt]] = True
+    return mask.reshape(a.shape), t.view(np.float32)
 
 
-BAND = 0.01  # first try: values within 1% of the hint
+def kth_largest(flat: np.ndarray, k: int, hint=None, band: float = 0.01):
+    """The k-th largest |value| of float32 `flat` as magnitude bits t (a uint32 that orders
+    like the values), with count(|flat| > t) and count(|flat| == t).
 
-
-def kth_largest(flat: np.ndarray, k: int, hint=None) -> tuple[float, int, int]:
-    """The k-th largest value t of `flat`, with count(flat > t) and count(flat == t).
-
-    Scores move little per step, so the new threshold is near the last one: partition only
-    the values in a band around the hint, after checking by a count that the band holds the
-    k-th largest. A miss widens the band; two misses fall back to partitioning everything.
-    """
+    Scores move little per step, so the new threshold is near the last one: one pass counts
+    the values above a band of relative half-width `band` around the hint and copies those in
+    it; if the k-th largest is among them, only they are partitioned. A miss widens the band
+    tenfold; a second miss partitions everything."""
     if hint is not None and hint > 0:
-        for r in (BAND, 8 * BAND):
-            lo, hi = hint * (1 - r), hint * (1 + r)
-            above = np.count_nonzero(flat > hi)
-            if above < k:
-                band = flat[(flat >= lo) & (flat <= hi)]
-                if above + band.size >= k:
-                    return _kth(band, k - above, above)
-    return _kth(flat, k, 0)
+        for r in (band, 10 * band):
+            lo, hi = (np.float32(hint * f).view(np.uint32) for f in (1 - min(r, 1.0), 1 + r))
+            values = np.empty(flat.size, np.uint32)  # pages never written cost nothing
+            above, found = kernels().band_scan(flat, lo, hi, values)
+            if above < k <= above + found:
+                return _kth(values[:found], k - above, above)
+    return _kth(flat.view(np.uint32) & kernels().MAGNITUDE, k, 0)
 
 
-def _kth(values: np.ndarray, k: int, above: int) -> tuple[float, int, int]:
-    t = np.partition(values, values.size - k)[values.size - k]
-    return t, above + np.count_nonzero(values > t), np.count_nonzero(values == t)
+def _kth(bits: np.ndarray, k: int, above: int):
+    t = np.partition(bits, bits.size - k)[bits.size - k]
+    return t, above + np.count_nonzero(bits > t), np.count_nonzero(bits == t)
+
+
+def fused(xp, *arrays) -> bool:
+    """Whether the CPU's fused loops (kernels.py) take these arrays: float32 on NumPy."""
+    return xp is np and all(a.dtype == np.float32 for a in arrays)
+
+
+def kernels():
+    from . import kernels  # numba: imported on first use (it takes ~0.4 s)
+
+    return kernels
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -305,6 +315,7 @@ class Network:
         self.groups = [(0, ends[-1])] if cfg.k_scope == "global" else bounds  # one top-k per group
         self.kept = [kept_count(cfg.k, hi - lo) for lo, hi in self.groups]
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
+        self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
         self.layer_bounds = bounds
         if self.method == "biprop":
             self.w_sign = xp.sign(self.w_flat)
@@ -352,9 +363,12 @@ class Network:
                 u = xp.asarray(np.random.default_rng(self.measure_seed).random(self.s_flat.shape, dtype=np.float32))
             xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
-            a = xp.abs(self.s_flat, out=self._tmp)
             for g, (lo, hi) in enumerate(self.groups):
-                _, self.thresholds[g] = topk_mask(xp, a[lo:hi], self.kept[g], self.thresholds[g], out=self.m_flat[lo:hi])
+                hint = self.thresholds[g]
+                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g])
+                if fused(xp, self.s_flat) and hint and t:  # the next band: a few times this step's move
+                    self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
+                self.thresholds[g] = t
 
     def _combine(self) -> list:
         xp = self.xp
@@ -365,6 +379,8 @@ class Network:
                 self.alphas[i] = (self.w_abs[lo:hi] * m).sum() / xp.maximum(m.sum(), 1)
                 xp.multiply(self.w_sign[lo:hi], m, out=self.we_flat[lo:hi])
                 self.we_flat[lo:hi] *= self.alphas[i]
+        elif fused(xp, self.w_flat):
+            kernels().masked(self.w_flat, self.m_flat, self.we_flat)
         else:
             xp.multiply(self.w_flat, self.m_flat, out=self.we_flat)
         return self.w_eff
@@ -398,18 +414,25 @@ class Network:
         """dL/dW_eff -> dL/d(learned tensor), in place: straight through the mask."""
         xp = self.xp
         if self.method == "edge-popup":  # W_eff = W * M(|S|) ~ W * |S|
-            g *= self.w_flat
-            times_sign(xp, g, self.s_flat, self._tmp)
+            straight_through(xp, g, self.w_flat, self.s_flat, self._tmp)
         elif self.method == "biprop":  # W_eff = alpha * sign(W) * M(|S|), alpha held constant
-            g *= self.w_sign
+            straight_through(xp, g, self.w_sign, self.s_flat, self._tmp)
             for i, (lo, hi) in enumerate(self.layer_bounds):
                 g[lo:hi] *= self.alphas[i]
-            times_sign(xp, g, self.s_flat, self._tmp)
         elif self.method == "supermask":  # W_eff = W * M, E[M] = sigmoid(S)
             p = sigmoid(xp, self.s_flat, out=self._tmp)
             g *= self.w_flat
             g *= p
             g *= 1 - p
+
+
+def straight_through(xp, g, w, s, scratch) -> None:
+    """g *= w * sign(s), in place: dL/dW_eff -> dL/dS through W_eff = w * |s|."""
+    if fused(xp, g, w, s):
+        kernels().straight_through(g, w, s)
+    else:
+        g *= w
+        times_sign(xp, g, s, scratch)
 
 
 def times_sign(xp, g, s, scratch) -> None:

@@ -41,8 +41,8 @@ def test_all_equal_scores_keep_the_first_k():
 @pytest.mark.parametrize("hint_scale", [None, 0.0, 0.5, 0.99, 1.0, 1.005, 1.05, 2.0, 100.0])
 def test_threshold_hint_changes_speed_never_the_mask(hint_scale):
     rng = np.random.default_rng(1)
-    for a in (np.abs(rng.standard_normal(20000)).astype(np.float32),
-              rng.integers(0, 50, 20000).astype(np.float32)):  # tie-heavy
+    for a in (np.abs(rng.standard_normal(20011)).astype(np.float32),
+              rng.integers(0, 50, 20011).astype(np.float32)):  # tie-heavy; not a multiple of 32
         for k in (1, 137, 10000, 19999):
             exact = np.sort(a)[::-1][k - 1]
             hint = None if hint_scale is None else np.float32(exact * hint_scale)
@@ -61,6 +61,55 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
         a = np.abs(s)
         mask, hint = topk_mask(np, a, 25000, hint)
         np.testing.assert_array_equal(mask, stable_topk(a, 25000))
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 7919])
+def test_band_scan_counts_and_copies_like_numpy(n):
+    """The fused CPU scan (blocks of 32, a partial last block) against the NumPy expression."""
+    from scoretrain import kernels
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[::7] = -x[::7]
+    b = x.view(np.uint32) & kernels.MAGNITUDE
+    for lo, hi in [(0, 2**31 - 1), (b.min(), b.max()), (np.median(b), np.median(b) + 10**6), (b.max() + 1, b.max() + 9)]:  # lo <= hi
+        lo, hi = np.uint32(lo), np.uint32(hi)
+        band = np.zeros(n, np.uint32)
+        above, found = kernels.band_scan(x, lo, hi, band)
+        assert above == np.count_nonzero(b > hi)
+        np.testing.assert_array_equal(band[:found], b[(b >= lo) & (b <= hi)])
+
+
+def test_fused_loops_give_the_bits_of_the_numpy_expressions():
+    from scoretrain import kernels
+    from scoretrain.model import times_sign
+
+    rng = np.random.default_rng(0)
+    g, w, s = (rng.standard_normal(1001).astype(np.float32) for _ in range(3))
+    s[:4] = [0.0, -0.0, np.inf, -np.inf]
+    expected = g * w
+    times_sign(np, expected, s, np.empty_like(s))
+    kernels.straight_through(g, w, s)
+    np.testing.assert_array_equal(g.view(np.uint32), expected.view(np.uint32))  # -0.0 included
+    mask = rng.random(1001) < 0.5
+    out = np.empty_like(w)
+    kernels.masked(w, mask, out)
+    np.testing.assert_array_equal(out.view(np.uint32), (w * mask).view(np.uint32))
+    t = np.float32(0.7).view(np.uint32)
+    kernels.at_least(s, t, mask)
+    np.testing.assert_array_equal(mask, np.abs(s) >= np.float32(0.7))
+
+
+def test_topk_ranks_by_magnitude_on_both_code_paths():
+    """Scores are signed: the mask keeps the largest |s|, on the fused CPU path and the array code."""
+    rng = np.random.default_rng(5)
+    s = rng.standard_normal(5000).astype(np.float32)
+    for hint in (None, np.float32(np.sort(np.abs(s))[-1500] * 1.001)):
+        mask, t = topk_mask(np, s, 1500, hint)
+        np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1500))
+        assert t == np.sort(np.abs(s))[-1500]
+    mask, _ = topk_mask(ForeignNumpy(), s, 1500)
+    np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1500))
 
 
 @pytest.mark.parametrize("k,n,expected", [(0.5, 10, 5), (0.3, 10, 3), (0.25, 10, 2), (0.35, 10, 4), (0.01, 10, 1), (1.0, 7, 7)])
@@ -257,9 +306,13 @@ def test_bench_measures_a_small_case():
 
     x = np.random.default_rng(0).standard_normal((512, 28, 28, 1)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 10, 512)
-    r = bench.measure(resolve("cpu"), x, y, "edge-popup", [784, 32, 10], 64, 6, 3)
-    assert r["seconds_per_step"] > 0 and r["samples_per_second"] > 0
-    assert abs(sum(r["split"].values()) - 1) < 1e-9 and set(r["split"]) == {"select", "forward", "backward", "optimizer"}
+    pair = bench.measure_pair(resolve("cpu"), x, y, ["edge-popup", "dense"], [784, 32, 10], 64, 6, 3, rounds=2)
+    assert [r["method"] for r in pair] == ["edge-popup", "dense"]
+    for r in pair:
+        assert len(r["seconds_per_step_rounds"]) == 2 and r["seconds_per_step"] == min(r["seconds_per_step_rounds"]) > 0
+        assert r["samples_per_second"] == 64 / r["seconds_per_step"]
+        assert abs(sum(r["split"].values()) - 1) < 1e-9 and set(r["split"]) == {"select", "forward", "backward", "optimizer"}
+    assert pair[1]["split"]["select"] < pair[0]["split"]["select"]  # dense has no mask to select
 
 
 # --- the CuPy code path, run on NumPy -----------------------------------------------------------

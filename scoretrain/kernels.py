@@ -1,0 +1,78 @@
+"""Fused loops for the CPU (numba): the passes over every weight that edge-popup adds to a
+training step, each as one loop. NumPy makes each of them several passes with temporaries,
+over arrays larger than the caches; these loops read every input once.
+
+Only model.py calls them, and only on the NumPy backend (on CuPy, model.py's array code is
+already one kernel per op, on the device). Each gives the same bits as the NumPy expression
+in its docstring; tests/test_model.py checks them against that expression. Arrays are
+contiguous float32 (float64, used by the gradient checks, takes model.py's array code).
+numba takes ~0.4 s to import, so model.py imports this module on first use; the compiled loops
+are cached on disk (cache=True), so only a machine's first run compiles them.
+"""
+
+import numba
+import numpy as np
+
+BLOCK = 32  # band_scan counts a block in a vectorized loop before it looks at single values
+
+# The selection works on the bits of |x| (x's bits without the sign bit) as unsigned integers,
+# which for floats >= 0 order like the values. Every loop keeps to 32-bit integers (numba would
+# widen them to 64 bits), so that it vectorizes.
+MAGNITUDE = np.uint32(0x7FFFFFFF)
+SIGN = np.uint32(0x80000000)
+
+
+@numba.njit(cache=True)
+def band_scan(x, lo, hi, band):
+    """With b = the magnitude bits of x, and lo <= hi: returns count(b > hi) and the number of
+    b in [lo, hi], which are copied to `band` (in order). Blocks without such a value, most of
+    them for a narrow band, are only counted."""
+    bits = x.view(np.uint32)
+    width = np.uint32(hi - lo)  # b in [lo, hi]  <=>  b - lo <= width, in wrapping arithmetic
+    above, found = 0, 0
+    whole = bits.size - bits.size % BLOCK
+    for start in range(0, whole, BLOCK):
+        block_above, block_in = 0, 0
+        for i in range(start, start + BLOCK):  # a fixed trip count and no branch: vectorized
+            v = bits[i] & MAGNITUDE
+            block_above += np.int32(v > hi)
+            block_in += np.int32(np.uint32(v - lo) <= width)
+        above += block_above
+        if block_in:
+            for i in range(start, start + BLOCK):
+                v = bits[i] & MAGNITUDE
+                if np.uint32(v - lo) <= width:
+                    band[found] = v
+                    found += 1
+    for i in range(whole, bits.size):  # the last, partial block
+        v = bits[i] & MAGNITUDE
+        above += v > hi
+        if np.uint32(v - lo) <= width:
+            band[found] = v
+            found += 1
+    return above, found
+
+
+@numba.njit(cache=True)
+def at_least(x, t, mask):
+    """mask = |x| >= the float whose bits are t."""
+    bits = x.view(np.uint32)
+    for i in range(bits.size):
+        mask[i] = (bits[i] & MAGNITUDE) >= t
+
+
+@numba.njit(cache=True)
+def masked(w, mask, out):
+    """out = w * mask"""
+    for i in range(w.size):
+        out[i] = w[i] * mask[i]
+
+
+@numba.njit(cache=True)
+def straight_through(g, w, s):
+    """g *= w * sign(s), with s's sign bit for its sign: g * w, negated where s's sign bit is
+    set (model.times_sign's convention: where s == +0 the product is kept)."""
+    s_bits = s.view(np.uint32)
+    for i in range(g.size):
+        v = g[i] * w[i]
+        g[i] = -v if s_bits[i] & SIGN else v
