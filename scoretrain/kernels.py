@@ -62,6 +62,16 @@ def at_least(x, t, mask):
 
 
 @numba.njit(cache=True)
+def keep_top(x, t, w, mask, out):
+    """at_least(x, t, mask), and out = w * mask, in one pass."""
+    bits = x.view(np.uint32)
+    for i in range(bits.size):
+        m = (bits[i] & MAGNITUDE) >= t
+        mask[i] = m
+        out[i] = w[i] * m
+
+
+@numba.njit(cache=True)
 def masked(w, mask, out):
     """out = w * mask"""
     for i in range(w.size):

@@ -31,32 +31,44 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
-def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01):
+def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None):
     """A bool mask with exactly k True where |a| is largest, and the threshold used (the k-th
     largest |a|). Ties at the threshold go to the lowest flat indices, so the mask equals the
     first k of a stable descending sort of |a|. `hint` (the last step's threshold) and `band`
-    only make it faster. With `out` (a bool array of a's shape) the mask is written there.
+    only make it faster. With `out` (a bool array of a's shape) the mask is written there;
+    with `keep` = (w, w_out), also w * mask into w_out, in the same pass on the CPU.
     On the CPU, `a` is contiguous float32."""
     flat = a.ravel()
     n = flat.size
     mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
+    w, w_out = (None, None) if keep is None else (keep[0].ravel(), keep[1].reshape(flat.shape))
     if k >= n:
         mask[...] = True
-        return mask.reshape(a.shape), None
-    if not fused(xp, flat):  # one partition and no host sync: the GPU path (and float64)
+        t = None
+    elif not fused(xp, flat):  # one partition and no host sync: the GPU path (and float64)
         flat = xp.abs(flat)
         t = xp.partition(flat, n - k)[n - k]
         ties = flat == t
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
+    else:
+        bits, n_gt, n_eq = kth_largest(flat, k, hint, band)
+        t = bits.view(np.float32)
+        if n_gt + n_eq != k:  # a tie straddles the threshold: the values above it, then the first ties
+            bits += 1
+        if keep is None:
+            kernels().at_least(flat, bits, mask)
+        else:
+            kernels().keep_top(flat, bits, w, mask, w_out)
+        if n_gt + n_eq != k:
+            ties = np.flatnonzero((flat.view(np.uint32) & kernels().MAGNITUDE) == bits - 1)[: k - n_gt]
+            mask[ties] = True
+            if keep is not None:
+                w_out[ties] = w[ties]
         return mask.reshape(a.shape), t
-    t, n_gt, n_eq = kth_largest(flat, k, hint, band)
-    if n_gt + n_eq == k:  # no tie straddles the threshold: one pass
-        kernels().at_least(flat, t, mask)
-    else:  # the values above t, then the first k - n_gt ties
-        kernels().at_least(flat, t + 1, mask)
-        mask[np.flatnonzero((flat.view(np.uint32) & kernels().MAGNITUDE) == t)[: k - n_gt]] = True
-    return mask.reshape(a.shape), t.view(np.float32)
+    if keep is not None:
+        xp.multiply(w, mask, out=w_out)
+    return mask.reshape(a.shape), t
 
 
 def kth_largest(flat: np.ndarray, k: int, hint=None, band: float = 0.01):
@@ -340,7 +352,7 @@ class Network:
         if self.method == "dense":
             return self.weights
         self._select(train)
-        return self._combine()
+        return self.w_eff if self.method == "edge-popup" else self._combine()  # edge-popup's: made by _select
 
     def subnetwork(self, masks: list) -> list:
         """W_eff for given masks (a stored run's), instead of the scores' own."""
@@ -363,9 +375,11 @@ class Network:
                 u = xp.asarray(np.random.default_rng(self.measure_seed).random(self.s_flat.shape, dtype=np.float32))
             xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
+            w_eff = self.method == "edge-popup"  # W_eff = W * M in the same pass (biprop's needs alpha)
             for g, (lo, hi) in enumerate(self.groups):
                 hint = self.thresholds[g]
-                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g])
+                keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if w_eff else None
+                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep)
                 if fused(xp, self.s_flat) and hint and t:  # the next band: a few times this step's move
                     self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
                 self.thresholds[g] = t

@@ -15,6 +15,14 @@ def stable_topk(a, k):
     return mask.reshape(a.shape)
 
 
+class ForeignNumpy:
+    """NumPy under another name. As `xp` it is not `np`, so the branches written for CuPy (the
+    partition + cumsum top-k in topk_mask) run here on the CPU, where CI has no GPU to run them."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 500), (1000, 1), (1000, 999), (1000, 1000), (7919, 2000)])
 def test_topk_matches_sort_on_random_scores(n, k):
     a = np.abs(np.random.default_rng(n + k).standard_normal(n)).astype(np.float32)
@@ -98,6 +106,10 @@ def test_fused_loops_give_the_bits_of_the_numpy_expressions():
     t = np.float32(0.7).view(np.uint32)
     kernels.at_least(s, t, mask)
     np.testing.assert_array_equal(mask, np.abs(s) >= np.float32(0.7))
+    mask2 = np.zeros_like(mask)
+    kernels.keep_top(s, t, w, mask2, out)
+    np.testing.assert_array_equal(mask2, mask)
+    np.testing.assert_array_equal(out.view(np.uint32), (w * mask).view(np.uint32))
 
 
 def test_topk_ranks_by_magnitude_on_both_code_paths():
@@ -110,6 +122,18 @@ def test_topk_ranks_by_magnitude_on_both_code_paths():
         assert t == np.sort(np.abs(s))[-1500]
     mask, _ = topk_mask(ForeignNumpy(), s, 1500)
     np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1500))
+
+
+@pytest.mark.parametrize("xp", [np, ForeignNumpy()], ids=["fused", "array-code"])
+def test_topk_keep_writes_the_masked_weights_ties_included(xp):
+    rng = np.random.default_rng(6)
+    for s in (rng.standard_normal(3001).astype(np.float32), rng.integers(-3, 4, 3001).astype(np.float32)):
+        w = rng.standard_normal(3001).astype(np.float32)
+        for hint in (None, np.float32(1.0)):
+            w_out = np.full_like(w, np.nan)
+            mask, _ = topk_mask(xp, s, 1000, hint, keep=(w, w_out))
+            np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1000))
+            np.testing.assert_array_equal(w_out, w * mask)
 
 
 @pytest.mark.parametrize("k,n,expected", [(0.5, 10, 5), (0.3, 10, 3), (0.25, 10, 2), (0.35, 10, 4), (0.01, 10, 1), (1.0, 7, 7)])
@@ -316,14 +340,6 @@ def test_bench_measures_a_small_case():
 
 
 # --- the CuPy code path, run on NumPy -----------------------------------------------------------
-
-
-class ForeignNumpy:
-    """NumPy under another name. As `xp` it is not `np`, so the branches written for CuPy (the
-    partition + cumsum top-k in topk_mask) run here on the CPU, where CI has no GPU to run them."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (1000, 1), (1000, 500), (1000, 999), (1000, 1000), (7919, 2000)])
