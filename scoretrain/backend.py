@@ -1,5 +1,6 @@
 """The array module: NumPy on the CPU, CuPy on a GPU. The model and training code are
-written once against `backend.xp`; CuPy is imported only when a GPU is asked for or found."""
+written once against `backend.xp`; CuPy is imported only when a GPU is asked for or found.
+On NumPy, the few passes over every weight per step run as fused loops (kernels.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ class Backend:
     def sync(self) -> None:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
+
+
+def fused(xp, *arrays) -> bool:
+    """Whether the CPU's fused loops (kernels.py) take these arrays: contiguous float32, on NumPy
+    (the loops see them flat, as a.reshape(-1), a view)."""
+    return xp is np and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def cpu_kernels():
+    """scoretrain.kernels, imported on first use: numba takes ~0.4 s to import."""
+    from . import kernels
+
+    return kernels
 
 
 def _cupy():

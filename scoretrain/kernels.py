@@ -1,13 +1,15 @@
-"""Fused loops for the CPU (numba): the passes over every weight that edge-popup adds to a
-training step, each as one loop. NumPy makes each of them several passes with temporaries,
-over arrays larger than the caches; these loops read every input once.
+"""Fused loops for the CPU (numba): the passes over every weight in a training step (the
+top-k threshold, the mask and W_eff, the straight-through gradient, the optimizer update),
+each as one loop. NumPy makes each of them several passes with temporaries, over arrays larger
+than the caches; these loops read every input once.
 
-Only model.py calls them, and only on the NumPy backend (on CuPy, model.py's array code is
-already one kernel per op, on the device). Each gives the same bits as the NumPy expression
-in its docstring; tests/test_model.py checks them against that expression. Arrays are
-contiguous float32 (float64, used by the gradient checks, takes model.py's array code).
-numba takes ~0.4 s to import, so model.py imports this module on first use; the compiled loops
-are cached on disk (cache=True), so only a machine's first run compiles them.
+model.py and optim.py call them on the NumPy backend, for the arrays backend.fused accepts
+(1-D contiguous float32; float64, used by the gradient checks, takes the array code); on CuPy
+the array code runs, one kernel per op on the device. Each loop gives the same bits as the
+array code it replaces, as written in its docstring; tests/test_model.py checks that. numba
+does not check bounds: every loop runs over its first array's size, the others must be as long.
+numba takes ~0.4 s to import, so this module is imported on first use (backend.cpu_kernels);
+the compiled loops are cached on disk (cache=True), so only a machine's first run compiles them.
 """
 
 import numba
@@ -86,3 +88,36 @@ def straight_through(g, w, s):
     for i in range(g.size):
         v = g[i] * w[i]
         g[i] = -v if s_bits[i] & SIGN else v
+
+
+# The optimizers' updates (optim.py's array code, in its order of operations and its float32
+# roundings: every scalar comes in as a float32).
+
+
+@numba.njit(cache=True)
+def sgd(p, g, buf, lr, mu, wd, nesterov):
+    """optim.SGD.step on one tensor: g += wd * p; buf = mu * buf + g; p -= lr * (g + mu * buf
+    if nesterov else buf). Without momentum (mu == 0), buf is untouched and p -= lr * g."""
+    for i in range(p.size):
+        d = g[i]
+        if wd:
+            d += p[i] * wd
+        if mu:
+            b = buf[i] * mu + d
+            buf[i] = b
+            d = d + b * mu if nesterov else b
+        p[i] -= d * lr
+
+
+@numba.njit(cache=True)
+def adam(p, g, m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd):
+    """optim.Adam.step on one tensor: g += wd * p; m = b1 * m + (1 - b1) * g;
+    v = b2 * v + (1 - b2) * g * g; p -= step_size * m / (sqrt(v / c2) + eps)."""
+    for i in range(p.size):
+        d = g[i]
+        if wd:
+            d += p[i] * wd
+        mi = m[i] * b1 + d * one_minus_b1
+        vi = v[i] * b2 + d * d * one_minus_b2
+        m[i], v[i] = mi, vi
+        p[i] -= mi / (np.sqrt(vi / c2) + eps) * step_size

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from .backend import cpu_kernels, fused
 from .config import ModelConfig
 
 RELU_GAIN = math.sqrt(2.0)
@@ -57,11 +58,11 @@ def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None)
         if n_gt + n_eq != k:  # a tie straddles the threshold: the values above it, then the first ties
             bits += 1
         if keep is None:
-            kernels().at_least(flat, bits, mask)
+            cpu_kernels().at_least(flat, bits, mask)
         else:
-            kernels().keep_top(flat, bits, w, mask, w_out)
+            cpu_kernels().keep_top(flat, bits, w, mask, w_out)
         if n_gt + n_eq != k:
-            ties = np.flatnonzero((flat.view(np.uint32) & kernels().MAGNITUDE) == bits - 1)[: k - n_gt]
+            ties = np.flatnonzero((flat.view(np.uint32) & cpu_kernels().MAGNITUDE) == bits - 1)[: k - n_gt]
             mask[ties] = True
             if keep is not None:
                 w_out[ties] = w[ties]
@@ -83,26 +84,15 @@ def kth_largest(flat: np.ndarray, k: int, hint=None, band: float = 0.01):
         for r in (band, 10 * band):
             lo, hi = (np.float32(hint * f).view(np.uint32) for f in (1 - min(r, 1.0), 1 + r))
             values = np.empty(flat.size, np.uint32)  # pages never written cost nothing
-            above, found = kernels().band_scan(flat, lo, hi, values)
+            above, found = cpu_kernels().band_scan(flat, lo, hi, values)
             if above < k <= above + found:
                 return _kth(values[:found], k - above, above)
-    return _kth(flat.view(np.uint32) & kernels().MAGNITUDE, k, 0)
+    return _kth(flat.view(np.uint32) & cpu_kernels().MAGNITUDE, k, 0)
 
 
 def _kth(bits: np.ndarray, k: int, above: int):
     t = np.partition(bits, bits.size - k)[bits.size - k]
     return t, above + np.count_nonzero(bits > t), np.count_nonzero(bits == t)
-
-
-def fused(xp, *arrays) -> bool:
-    """Whether the CPU's fused loops (kernels.py) take these arrays: float32 on NumPy."""
-    return xp is np and all(a.dtype == np.float32 for a in arrays)
-
-
-def kernels():
-    from . import kernels  # numba: imported on first use (it takes ~0.4 s)
-
-    return kernels
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -394,7 +384,7 @@ class Network:
                 xp.multiply(self.w_sign[lo:hi], m, out=self.we_flat[lo:hi])
                 self.we_flat[lo:hi] *= self.alphas[i]
         elif fused(xp, self.w_flat):
-            kernels().masked(self.w_flat, self.m_flat, self.we_flat)
+            cpu_kernels().masked(self.w_flat, self.m_flat, self.we_flat)
         else:
             xp.multiply(self.w_flat, self.m_flat, out=self.we_flat)
         return self.w_eff
@@ -443,7 +433,7 @@ class Network:
 def straight_through(xp, g, w, s, scratch) -> None:
     """g *= w * sign(s), in place: dL/dW_eff -> dL/dS through W_eff = w * |s|."""
     if fused(xp, g, w, s):
-        kernels().straight_through(g, w, s)
+        cpu_kernels().straight_through(g, w, s)
     else:
         g *= w
         times_sign(xp, g, s, scratch)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from .backend import cpu_kernels, fused
 from .config import TrainConfig
 
 
@@ -21,6 +24,10 @@ class SGD:
     def step(self, params: list, grads: list, lr: float) -> None:
         mul = self.xp.multiply
         for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
+            if fused(self.xp, p, g, buf):  # the same update, as one loop
+                f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
+                cpu_kernels().sgd(flat(p), flat(g), flat(buf), f32(lr), f32(self.mu), f32(self.wd), self.nesterov)
+                continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             if self.mu:
@@ -50,6 +57,11 @@ class Adam:
         c1 = 1.0 - self.b1**self.steps
         c2 = 1.0 - self.b2**self.steps
         for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
+            if fused(xp, p, g, m, v):  # the same update, as one loop
+                f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
+                cpu_kernels().adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1), f32(self.b2),
+                                   f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd))
+                continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             m *= self.b1

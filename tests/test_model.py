@@ -390,3 +390,25 @@ def test_times_sign_is_multiplying_by_the_sign(dtype):
     expected = g * np.sign(s)
     times_sign(np, g, s, np.empty_like(g))
     np.testing.assert_array_equal(g, expected)
+
+
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd"), dict(optimizer="sgd", nesterov=True), dict(optimizer="sgd", momentum=0.0),
+                                 dict(optimizer="sgd", weight_decay=0.0), dict(optimizer="adam"), dict(optimizer="adam", weight_decay=0.0)])
+def test_fused_optimizer_updates_give_the_bits_of_the_array_code(opt):
+    """optim.py's fused CPU loops against its array code (run as the CuPy path, on NumPy)."""
+    from scoretrain import optim
+    from scoretrain.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(1000).astype(np.float32), rng.standard_normal((7, 9)).astype(np.float32)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in p0] for _ in range(4)]
+    finals = []
+    for xp in (np, ForeignNumpy()):
+        params = [p.copy() for p in p0]
+        o = optim.make(xp, params, TrainConfig(**opt))
+        for step, gs in enumerate(grads):
+            o.step(params, [g.copy() for g in gs], 0.1 / (step + 1))
+        finals.append(params + [a for arrays in o.state.values() for a in arrays])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert not np.array_equal(finals[0][0], p0[0])
