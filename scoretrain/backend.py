@@ -4,6 +4,7 @@ On NumPy, the few passes over every weight per step run as fused loops (kernels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -44,6 +45,7 @@ def fused(xp, *arrays) -> bool:
     return xp is np and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
 
 
+@functools.cache  # called in the hot path: an import statement costs a microsecond or two
 def cpu_kernels():
     """scoretrain.kernels, imported on first use: numba takes ~0.4 s to import."""
     from . import kernels

@@ -15,62 +15,86 @@ the compiled loops are cached on disk (cache=True), so only a machine's first ru
 import numba
 import numpy as np
 
-BLOCK = 32  # band_scan counts a block in a vectorized loop before it looks at single values
+BLOCK = 32  # band_topk counts a block in a vectorized loop before it looks at single values
 
-# The selection works on the bits of |x| (x's bits without the sign bit) as unsigned integers,
-# which for floats >= 0 order like the values. Every loop keeps to 32-bit integers (numba would
-# widen them to 64 bits), so that it vectorizes.
+# The top-k works on the bits of |x| (x's bits without the sign bit) as unsigned integers, which
+# for floats >= 0 order like the values: t is a threshold in those bits. The loops keep to 32-bit
+# integers (numba would widen them to 64 bits), so that they vectorize. Where `w` and `out` are
+# given, out = w * mask is written in the same pass (None: only the mask).
 MAGNITUDE = np.uint32(0x7FFFFFFF)
 SIGN = np.uint32(0x80000000)
 
 
 @numba.njit(cache=True)
-def band_scan(x, lo, hi, band):
-    """With b = the magnitude bits of x, and lo <= hi: returns count(b > hi) and the number of
-    b in [lo, hi], which are copied to `band` (in order). Blocks without such a value, most of
-    them for a narrow band, are only counted."""
+def band_topk(x, k, lo, hi, mask, w, out, band_idx):
+    """The top-k mask of |x| in one pass over x, if the k-th largest lies in the band [lo, hi]
+    (lo <= hi): returns (True, t). Otherwise (False, 0), and mask and out hold garbage.
+
+    The pass keeps the values above the band, drops those below it, and notes the indices of
+    those in it (blocks without one, most of them for a narrow band, are only counted); then
+    only the band is partitioned, and its values are kept or dropped by the threshold found,
+    ties at it to the lowest indices."""
     bits = x.view(np.uint32)
     width = np.uint32(hi - lo)  # b in [lo, hi]  <=>  b - lo <= width, in wrapping arithmetic
     above, found = 0, 0
     whole = bits.size - bits.size % BLOCK
     for start in range(0, whole, BLOCK):
         block_above, block_in = 0, 0
-        for i in range(start, start + BLOCK):  # a fixed trip count and no branch: vectorized
+        for i in range(start, start + BLOCK):  # a constant trip count, no branch: vectorized
             v = bits[i] & MAGNITUDE
-            block_above += np.int32(v > hi)
+            keep = v > hi
+            mask[i] = keep
+            if out is not None:  # decided when numba compiles, not per value
+                out[i] = w[i] * keep
+            block_above += np.int32(keep)
             block_in += np.int32(np.uint32(v - lo) <= width)
         above += block_above
         if block_in:
             for i in range(start, start + BLOCK):
-                v = bits[i] & MAGNITUDE
-                if np.uint32(v - lo) <= width:
-                    band[found] = v
+                if np.uint32((bits[i] & MAGNITUDE) - lo) <= width:
+                    band_idx[found] = i
                     found += 1
     for i in range(whole, bits.size):  # the last, partial block
         v = bits[i] & MAGNITUDE
+        mask[i] = v > hi
+        if out is not None:
+            out[i] = w[i] * mask[i]
         above += v > hi
         if np.uint32(v - lo) <= width:
-            band[found] = v
+            band_idx[found] = i
             found += 1
-    return above, found
+    if not above < k <= above + found:
+        return False, np.uint32(0)
+    idx = band_idx[:found]
+    values = bits[idx] & MAGNITUDE
+    t = np.partition(values, found - (k - above))[found - (k - above)]
+    ties = k - above - np.count_nonzero(values > t)  # how many of the values equal to t to keep
+    for j in range(found):  # in index order
+        keep = values[j] > t or (values[j] == t and ties > 0)
+        ties -= values[j] == t and keep
+        mask[idx[j]] = keep
+        if out is not None:
+            out[idx[j]] = w[idx[j]] * keep
+    return True, t
 
 
 @numba.njit(cache=True)
-def at_least(x, t, mask):
-    """mask = |x| >= the float whose bits are t."""
+def keep_top(x, t, ties, mask, w, out):
+    """The mask of |x| > t, plus the first `ties` indices where |x| == t."""
     bits = x.view(np.uint32)
-    for i in range(bits.size):
-        mask[i] = (bits[i] & MAGNITUDE) >= t
-
-
-@numba.njit(cache=True)
-def keep_top(x, t, w, mask, out):
-    """at_least(x, t, mask), and out = w * mask, in one pass."""
-    bits = x.view(np.uint32)
-    for i in range(bits.size):
-        m = (bits[i] & MAGNITUDE) >= t
-        mask[i] = m
-        out[i] = w[i] * m
+    for i in range(bits.size):  # branch-free: vectorized
+        keep = (bits[i] & MAGNITUDE) > t
+        mask[i] = keep
+        if out is not None:
+            out[i] = w[i] * keep
+    for i in range(bits.size if ties > 0 else 0):
+        if (bits[i] & MAGNITUDE) == t:
+            mask[i] = True
+            if out is not None:
+                out[i] = w[i]
+            ties -= 1
+            if ties == 0:
+                break
 
 
 @numba.njit(cache=True)

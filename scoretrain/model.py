@@ -46,53 +46,37 @@ def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None)
     if k >= n:
         mask[...] = True
         t = None
-    elif not fused(xp, flat):  # one partition and no host sync: the GPU path (and float64)
+    elif not fused(xp, flat, *(keep or ())):  # one partition and no host sync: the GPU path (and float64)
         flat = xp.abs(flat)
         t = xp.partition(flat, n - k)[n - k]
         ties = flat == t
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
-    else:
-        bits, n_gt, n_eq = kth_largest(flat, k, hint, band)
-        t = bits.view(np.float32)
-        if n_gt + n_eq != k:  # a tie straddles the threshold: the values above it, then the first ties
-            bits += 1
-        if keep is None:
-            cpu_kernels().at_least(flat, bits, mask)
-        else:
-            cpu_kernels().keep_top(flat, bits, w, mask, w_out)
-        if n_gt + n_eq != k:
-            ties = np.flatnonzero((flat.view(np.uint32) & cpu_kernels().MAGNITUDE) == bits - 1)[: k - n_gt]
-            mask[ties] = True
-            if keep is not None:
-                w_out[ties] = w[ties]
-        return mask.reshape(a.shape), t
+    else:  # the CPU: fused loops, with w * mask in the same pass
+        return mask.reshape(a.shape), _topk_fused(flat, k, hint, band, mask, w, w_out)
     if keep is not None:
         xp.multiply(w, mask, out=w_out)
     return mask.reshape(a.shape), t
 
 
-def kth_largest(flat: np.ndarray, k: int, hint=None, band: float = 0.01):
-    """The k-th largest |value| of float32 `flat` as magnitude bits t (a uint32 that orders
-    like the values), with count(|flat| > t) and count(|flat| == t).
+def _topk_fused(flat, k: int, hint, band: float, mask, w, w_out):
+    """topk_mask on the CPU (kernels.py), returning the threshold.
 
-    Scores move little per step, so the new threshold is near the last one: one pass counts
-    the values above a band of relative half-width `band` around the hint and copies those in
-    it; if the k-th largest is among them, only they are partitioned. A miss widens the band
-    tenfold; a second miss partitions everything."""
+    Scores move little per step, so the new threshold is near the last one: one pass keeps the
+    values above a band of relative half-width `band` around the hint, drops those below it,
+    and notes those in it; if the k-th largest is among them, only they are partitioned. A miss
+    widens the band tenfold; a second miss, or no hint, partitions everything."""
+    kernels = cpu_kernels()
     if hint is not None and hint > 0:
         for r in (band, 10 * band):
-            lo, hi = (np.float32(hint * f).view(np.uint32) for f in (1 - min(r, 1.0), 1 + r))
-            values = np.empty(flat.size, np.uint32)  # pages never written cost nothing
-            above, found = cpu_kernels().band_scan(flat, lo, hi, values)
-            if above < k <= above + found:
-                return _kth(values[:found], k - above, above)
-    return _kth(flat.view(np.uint32) & cpu_kernels().MAGNITUDE, k, 0)
-
-
-def _kth(bits: np.ndarray, k: int, above: int):
+            lo, hi = np.array((hint * (1 - min(r, 1.0)), hint * (1 + r)), np.float32).view(np.uint32)
+            hit, t = kernels.band_topk(flat, k, lo, hi, mask, w, w_out, np.empty(flat.size, np.int64))
+            if hit:
+                return np.uint32(t).view(np.float32)
+    bits = flat.view(np.uint32) & kernels.MAGNITUDE
     t = np.partition(bits, bits.size - k)[bits.size - k]
-    return t, above + np.count_nonzero(bits > t), np.count_nonzero(bits == t)
+    kernels.keep_top(flat, t, k - np.count_nonzero(bits > t), mask, w, w_out)
+    return t.view(np.float32)
 
 
 # --- layers -----------------------------------------------------------------------------------

@@ -72,20 +72,25 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
 
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 7919])
-def test_band_scan_counts_and_copies_like_numpy(n):
-    """The fused CPU scan (blocks of 32, a partial last block) against the NumPy expression."""
+def test_band_topk_is_the_top_k_or_says_it_missed(n):
+    """The fused CPU pass (blocks of 32, a partial last block) for bands that hold the k-th
+    largest |x| or not, tie-heavy values included, with and without w * mask."""
     from scoretrain import kernels
 
     rng = np.random.default_rng(n)
-    x = rng.standard_normal(n).astype(np.float32)
-    x[::7] = -x[::7]
-    b = x.view(np.uint32) & kernels.MAGNITUDE
-    for lo, hi in [(0, 2**31 - 1), (b.min(), b.max()), (np.median(b), np.median(b) + 10**6), (b.max() + 1, b.max() + 9)]:  # lo <= hi
-        lo, hi = np.uint32(lo), np.uint32(hi)
-        band = np.zeros(n, np.uint32)
-        above, found = kernels.band_scan(x, lo, hi, band)
-        assert above == np.count_nonzero(b > hi)
-        np.testing.assert_array_equal(band[:found], b[(b >= lo) & (b <= hi)])
+    for x in (rng.standard_normal(n).astype(np.float32), rng.integers(-3, 4, n).astype(np.float32)):
+        b = np.sort(x.view(np.uint32) & kernels.MAGNITUDE)[::-1]  # descending
+        w = rng.standard_normal(n).astype(np.float32)
+        for k in sorted({1, max(1, n // 3), n}):
+            t = b[k - 1]
+            for lo, hi in [(0, 2**31 - 1), (t, t), (t // 2, t), (t, t * 2 + 1), (t + 1, t + 9), (0, max(t, 1) - 1)]:
+                mask, out = np.zeros(n, bool), np.full(n, np.nan, np.float32)
+                hit, found = kernels.band_topk(x, k, np.uint32(lo), np.uint32(hi), mask, w, out, np.empty(n, np.int64))
+                assert hit == (lo <= t <= hi)
+                if hit:
+                    assert found == t
+                    np.testing.assert_array_equal(mask, stable_topk(np.abs(x), k))
+                    np.testing.assert_array_equal(out, w * mask)
 
 
 def test_fused_loops_give_the_bits_of_the_numpy_expressions():
@@ -104,12 +109,14 @@ def test_fused_loops_give_the_bits_of_the_numpy_expressions():
     kernels.masked(w, mask, out)
     np.testing.assert_array_equal(out.view(np.uint32), (w * mask).view(np.uint32))
     t = np.float32(0.7).view(np.uint32)
-    kernels.at_least(s, t, mask)
-    np.testing.assert_array_equal(mask, np.abs(s) >= np.float32(0.7))
-    mask2 = np.zeros_like(mask)
-    kernels.keep_top(s, t, w, mask2, out)
-    np.testing.assert_array_equal(mask2, mask)
+    kernels.keep_top(s, t, 0, mask, w, out)
+    np.testing.assert_array_equal(mask, np.abs(s) > np.float32(0.7))
     np.testing.assert_array_equal(out.view(np.uint32), (w * mask).view(np.uint32))
+    s[10:20] = -0.7
+    kernels.keep_top(s, t, 3, mask, None, None)  # the mask only; the first 3 ties kept
+    expected = np.abs(s) > np.float32(0.7)
+    expected[10:13] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_topk_ranks_by_magnitude_on_both_code_paths():
