@@ -1,6 +1,6 @@
 """The array module: NumPy on the CPU, CuPy on a GPU. The model and training code are
 written once against `backend.xp`; CuPy is imported only when a GPU is asked for or found.
-On NumPy, the few passes over every weight per step run as fused loops (kernels.py)."""
+The few passes over every weight per step run as fused loops where `fused` finds them."""
 
 from __future__ import annotations
 
@@ -39,14 +39,20 @@ class Backend:
             self.xp.cuda.get_current_stream().synchronize()
 
 
-def fused(xp, *arrays) -> bool:
-    """Whether the CPU's fused loops (kernels.py) take these arrays: contiguous float32, on NumPy
-    (the loops see them flat, as a.reshape(-1), a view)."""
-    return xp is np and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+def fused(xp, *arrays):
+    """The fused loops (kernels.py) that take these arrays, or None where the array code runs.
+    They take contiguous float32 arrays (and see them flat, as a.reshape(-1), a view): on NumPy
+    every loop, as numba code; on CuPy the straight-through and optimizer updates, as CUDA
+    kernels. float64 (the gradient checks) takes the array code."""
+    if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+        return None
+    if xp is np:
+        return _kernels()
+    return _kernels().cuda() if getattr(xp, "__name__", "") == "cupy" else None
 
 
 @functools.cache  # called in the hot path: an import statement costs a microsecond or two
-def cpu_kernels():
+def _kernels():
     """scoretrain.kernels, imported on first use: numba takes ~0.4 s to import."""
     from . import kernels
 

@@ -1,16 +1,21 @@
-"""Fused loops for the CPU (numba): the passes over every weight in a training step (the
-top-k threshold, the mask and W_eff, the straight-through gradient, the optimizer update),
-each as one loop. NumPy makes each of them several passes with temporaries, over arrays larger
-than the caches; these loops read every input once.
+"""Fused loops: the passes over every weight in a training step (the top-k threshold, the mask
+and W_eff, the straight-through gradient, the optimizer update), each as one loop. As NumPy or
+CuPy array code each is several passes (kernels) with temporaries, over arrays larger than
+the caches; these read every input once.
 
-model.py and optim.py call them on the NumPy backend, for the arrays backend.fused accepts
-(1-D contiguous float32; float64, used by the gradient checks, takes the array code); on CuPy
-the array code runs, one kernel per op on the device. Each loop gives the same bits as the
-array code it replaces, as written in its docstring; tests/test_model.py checks that. numba
-does not check bounds: every loop runs over its first array's size, the others must be as long.
-numba takes ~0.4 s to import, so this module is imported on first use (backend.cpu_kernels);
-the compiled loops are cached on disk (cache=True), so only a machine's first run compiles them.
+On the CPU they are numba loops; on the GPU the straight-through gradient and the optimizer
+updates are CUDA kernels (the end of this file), and the top-k stays array code (one device
+partition). backend.fused hands them out, for contiguous float32 arrays; float64 (the gradient
+checks) takes the array code. Each loop gives the same bits as the array code it replaces, as
+written in its docstring: tests/test_model.py checks the numba loops against it, and
+tests/test_gpu.py the CUDA kernels against the numba loops. numba does not check bounds: every
+loop runs over its first array's size, and the others must be as long. numba takes ~0.4 s to
+import, so this module is imported on first use; the compiled loops are cached on disk
+(cache=True), so only a machine's first run compiles them.
 """
+
+import functools
+import types
 
 import numba
 import numpy as np
@@ -145,3 +150,51 @@ def adam(p, g, m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd)
         vi = v[i] * b2 + d * d * one_minus_b2
         m[i], v[i] = mi, vi
         p[i] -= mi / (np.sqrt(vi / c2) + eps) * step_size
+
+
+# --- the same updates as CUDA kernels, for CuPy -------------------------------------------------
+# The bodies do what the numba loops above do, with __f*_rn intrinsics: they round after every
+# operation, as the array code does (CUDA would otherwise fuse a multiply and an add into one FMA),
+# so that a GPU step gives the CPU's bits. Parameters: (inputs, outputs, body), as
+# cupy.ElementwiseKernel takes them; an output is read and written in place.
+CUDA = {
+    "straight_through": (
+        "float32 w, float32 s", "float32 g",
+        "float v = __fmul_rn(g, w); g = signbit(s) ? -v : v;",
+    ),
+    "sgd": (
+        "float32 g, float32 lr, float32 mu, float32 wd, bool nesterov", "float32 p, float32 buf",
+        """float d = g;
+        if (wd != 0.0f) d = __fadd_rn(d, __fmul_rn(p, wd));
+        if (mu != 0.0f) {
+            float b = __fadd_rn(__fmul_rn(buf, mu), d);
+            buf = b;
+            d = nesterov ? __fadd_rn(d, __fmul_rn(b, mu)) : b;
+        }
+        p = __fsub_rn(p, __fmul_rn(d, lr));""",
+    ),
+    "adam": (
+        "float32 g, float32 step_size, float32 b1, float32 one_minus_b1, float32 b2, "
+        "float32 one_minus_b2, float32 c2, float32 eps, float32 wd", "float32 p, float32 m, float32 v",
+        """float d = g;
+        if (wd != 0.0f) d = __fadd_rn(d, __fmul_rn(p, wd));
+        float mi = __fadd_rn(__fmul_rn(m, b1), __fmul_rn(d, one_minus_b1));
+        float vi = __fadd_rn(__fmul_rn(v, b2), __fmul_rn(__fmul_rn(d, d), one_minus_b2));
+        m = mi;
+        v = vi;
+        p = __fsub_rn(p, __fmul_rn(__fdiv_rn(mi, __fadd_rn(__fsqrt_rn(__fdiv_rn(vi, c2)), eps)), step_size));""",
+    ),
+}
+
+
+@functools.cache
+def cuda():
+    """The CUDA kernels, compiled by CuPy on first use, called like the numba loops."""
+    import cupy
+
+    k = {name: cupy.ElementwiseKernel(*spec, name=f"scoretrain_{name}") for name, spec in CUDA.items()}
+    return types.SimpleNamespace(
+        straight_through=lambda g, w, s: k["straight_through"](w, s, g),
+        sgd=lambda p, g, buf, lr, mu, wd, nesterov: k["sgd"](g, lr, mu, wd, nesterov, p, buf),
+        adam=lambda p, g, m, v, *scalars: k["adam"](g, *scalars, p, m, v),
+    )

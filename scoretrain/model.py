@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .backend import cpu_kernels, fused
+from .backend import fused
 from .config import ModelConfig
 
 RELU_GAIN = math.sqrt(2.0)
@@ -43,30 +43,30 @@ def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None)
     n = flat.size
     mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
     w, w_out = (None, None) if keep is None else (keep[0].ravel(), keep[1].reshape(flat.shape))
+    loops = fused(xp, flat, *(keep or ())) if xp is np else None
     if k >= n:
         mask[...] = True
         t = None
-    elif not fused(xp, flat, *(keep or ())):  # one partition and no host sync: the GPU path (and float64)
+    elif loops is None:  # one partition and no host sync: the GPU path (and float64)
         flat = xp.abs(flat)
         t = xp.partition(flat, n - k)[n - k]
         ties = flat == t
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
     else:  # the CPU: fused loops, with w * mask in the same pass
-        return mask.reshape(a.shape), _topk_fused(flat, k, hint, band, mask, w, w_out)
+        return mask.reshape(a.shape), _topk_fused(loops, flat, k, hint, band, mask, w, w_out)
     if keep is not None:
         xp.multiply(w, mask, out=w_out)
     return mask.reshape(a.shape), t
 
 
-def _topk_fused(flat, k: int, hint, band: float, mask, w, w_out):
+def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out):
     """topk_mask on the CPU (kernels.py), returning the threshold.
 
     Scores move little per step, so the new threshold is near the last one: one pass keeps the
     values above a band of relative half-width `band` around the hint, drops those below it,
     and notes those in it; if the k-th largest is among them, only they are partitioned. A miss
     widens the band tenfold; a second miss, or no hint, partitions everything."""
-    kernels = cpu_kernels()
     if hint is not None and hint > 0:
         for r in (band, 10 * band):
             lo, hi = np.array((hint * (1 - min(r, 1.0)), hint * (1 + r)), np.float32).view(np.uint32)
@@ -354,7 +354,7 @@ class Network:
                 hint = self.thresholds[g]
                 keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if w_eff else None
                 _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep)
-                if fused(xp, self.s_flat) and hint and t:  # the next band: a few times this step's move
+                if xp is np and hint and t:  # the next band (CPU): a few times this step's move
                     self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
                 self.thresholds[g] = t
 
@@ -367,8 +367,8 @@ class Network:
                 self.alphas[i] = (self.w_abs[lo:hi] * m).sum() / xp.maximum(m.sum(), 1)
                 xp.multiply(self.w_sign[lo:hi], m, out=self.we_flat[lo:hi])
                 self.we_flat[lo:hi] *= self.alphas[i]
-        elif fused(xp, self.w_flat):
-            cpu_kernels().masked(self.w_flat, self.m_flat, self.we_flat)
+        elif xp is np and fused(xp, self.w_flat):
+            fused(xp).masked(self.w_flat, self.m_flat, self.we_flat)
         else:
             xp.multiply(self.w_flat, self.m_flat, out=self.we_flat)
         return self.w_eff
@@ -416,8 +416,9 @@ class Network:
 
 def straight_through(xp, g, w, s, scratch) -> None:
     """g *= w * sign(s), in place: dL/dW_eff -> dL/dS through W_eff = w * |s|."""
-    if fused(xp, g, w, s):
-        cpu_kernels().straight_through(g, w, s)
+    loops = fused(xp, g, w, s)
+    if loops:
+        loops.straight_through(g, w, s)
     else:
         g *= w
         times_sign(xp, g, s, scratch)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .backend import cpu_kernels, fused
+from .backend import fused
 from .config import TrainConfig
 
 
@@ -24,9 +24,10 @@ class SGD:
     def step(self, params: list, grads: list, lr: float) -> None:
         mul = self.xp.multiply
         for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
-            if fused(self.xp, p, g, buf):  # the same update, as one loop
+            loops = fused(self.xp, p, g, buf)
+            if loops:  # the same update, as one loop
                 f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
-                cpu_kernels().sgd(flat(p), flat(g), flat(buf), f32(lr), f32(self.mu), f32(self.wd), self.nesterov)
+                loops.sgd(flat(p), flat(g), flat(buf), f32(lr), f32(self.mu), f32(self.wd), self.nesterov)
                 continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
@@ -57,9 +58,10 @@ class Adam:
         c1 = 1.0 - self.b1**self.steps
         c2 = 1.0 - self.b2**self.steps
         for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
-            if fused(xp, p, g, m, v):  # the same update, as one loop
+            loops = fused(xp, p, g, m, v)
+            if loops:  # the same update, as one loop
                 f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
-                cpu_kernels().adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1), f32(self.b2),
+                loops.adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1), f32(self.b2),
                                    f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd))
                 continue
             if self.wd:

@@ -54,6 +54,40 @@ def test_gpu_topk_writes_into_a_view_and_reads_nothing_back():
     assert not host[:500].any() and not host[5500:].any()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd"), dict(optimizer="sgd", nesterov=True), dict(optimizer="sgd", momentum=0.0),
+                                 dict(optimizer="adam"), dict(optimizer="adam", weight_decay=0.0)])
+def test_cuda_optimizer_kernels_give_the_bits_of_the_cpu_loops(opt):
+    """kernels.CUDA round after every operation, as the numba loops and the array code do."""
+    cp = GPU.xp
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(1000).astype(np.float32), rng.standard_normal((7, 9)).astype(np.float32)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in p0] for _ in range(4)]
+    finals = []
+    for xp, to_host in ((np, np.asarray), (cp, cp.asnumpy)):
+        params = [xp.asarray(p.copy()) for p in p0]
+        o = optim.make(xp, params, TrainConfig(**opt))
+        for step, gs in enumerate(grads):
+            o.step(params, [xp.asarray(g.copy()) for g in gs], 0.1 / (step + 1))
+        finals.append([to_host(a) for a in params + [a for arrays in o.state.values() for a in arrays]])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.gpu
+def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
+    from scoretrain.model import straight_through
+
+    cp = GPU.xp
+    rng = np.random.default_rng(0)
+    g, w, s = (rng.standard_normal(100_003).astype(np.float32) for _ in range(3))
+    s[:4] = [0.0, -0.0, np.inf, -np.inf]
+    g_cpu, g_gpu = g.copy(), cp.asarray(g)
+    straight_through(np, g_cpu, w, s, np.empty_like(g))
+    straight_through(cp, g_gpu, cp.asarray(w), cp.asarray(s), cp.empty_like(g_gpu))
+    np.testing.assert_array_equal(cp.asnumpy(g_gpu).view(np.uint32), g_cpu.view(np.uint32))
+
+
 # Networks of every kind the layers make: MLP (per-layer and global top-k), conv nets (im2col as a
 # strided view, max pool on strided corners) on CIFAR- and MNIST-shaped images.
 KINDS = {

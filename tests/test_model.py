@@ -1,5 +1,8 @@
 """The algorithm's numerics: exact top-k masks, layers and methods against finite differences."""
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -419,3 +422,58 @@ def test_fused_optimizer_updates_give_the_bits_of_the_array_code(opt):
     for a, b in zip(*finals):
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
     assert not np.array_equal(finals[0][0], p0[0])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (the CUDA compiler) on this machine")
+def test_cuda_kernel_bodies_compile_and_round_after_every_operation(tmp_path):
+    """kernels.CUDA's bodies, in a kernel shaped as cupy.ElementwiseKernel makes it (inputs as
+    values, outputs as references), compile with nvcc; and the PTX has no fused multiply-add,
+    which would round differently from the array code. (tests/test_gpu.py runs them.)"""
+    from scoretrain.kernels import CUDA
+
+    ctype = {"float32": "float", "bool": "bool"}
+    sources = []
+    for name, (inputs, outputs, body) in CUDA.items():
+        params = [f"const {ctype[t]} {n}" for t, n in (p.split() for p in inputs.split(","))]
+        outs = [p.split() for p in outputs.split(",")]
+        params += [f"{ctype[t]}* _{n}" for t, n in outs]
+        refs = " ".join(f"{ctype[t]} &{n} = _{n}[i];" for t, n in outs)
+        sources.append(f'extern "C" __global__ void {name}({", ".join(params)}, int size) {{\n'
+                       f"int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= size) return;\n{refs}\n{body}\n}}")
+    (tmp_path / "k.cu").write_text("\n".join(sources))
+    r = subprocess.run(["nvcc", "-ptx", "-arch=sm_80", "k.cu", "-o", "k.ptx"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert all(f".entry {name}(" in ptx for name in CUDA)
+    assert "fma" not in ptx and "mul.rn.f32" in ptx
+
+
+def test_cuda_kernel_wrappers_pass_each_array_to_its_declared_parameter(monkeypatch):
+    """kernels.cuda() calls the CUDA kernels like the numba loops; the kernels take inputs, then
+    outputs, in CUDA's declared order. A stand-in for cupy.ElementwiseKernel records what each
+    parameter received (the kernels themselves run in tests/test_gpu.py)."""
+    import sys
+    import types
+
+    from scoretrain import kernels
+
+    calls = {}
+
+    class ElementwiseKernel:
+        def __init__(self, inputs, outputs, body, name):
+            self.names = [p.split()[1] for p in (inputs + "," + outputs).split(",")]
+            self.kernel = name
+
+        def __call__(self, *args):
+            assert len(args) == len(self.names)
+            calls[self.kernel] = dict(zip(self.names, args))
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ElementwiseKernel=ElementwiseKernel))
+    cuda = kernels.cuda.__wrapped__()
+    cuda.straight_through("G", "W", "S")
+    assert calls["scoretrain_straight_through"] == dict(g="G", w="W", s="S")
+    cuda.sgd("P", "G", "BUF", "LR", "MU", "WD", "NESTEROV")
+    assert calls["scoretrain_sgd"] == dict(p="P", g="G", buf="BUF", lr="LR", mu="MU", wd="WD", nesterov="NESTEROV")
+    cuda.adam("P", "G", "M", "V", "SS", "B1", "OMB1", "B2", "OMB2", "C2", "EPS", "WD")
+    assert calls["scoretrain_adam"] == dict(p="P", g="G", m="M", v="V", step_size="SS", b1="B1", one_minus_b1="OMB1",
+                                            b2="B2", one_minus_b2="OMB2", c2="C2", eps="EPS", wd="WD")
