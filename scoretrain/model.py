@@ -349,10 +349,10 @@ class Network:
                 u = xp.asarray(np.random.default_rng(self.measure_seed).random(self.s_flat.shape, dtype=np.float32))
             xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
-            w_eff = self.method == "edge-popup"  # W_eff = W * M in the same pass (biprop's needs alpha)
+            with_w_eff = self.method == "edge-popup"  # W_eff = W * M in the same pass (biprop's needs alpha)
             for g, (lo, hi) in enumerate(self.groups):
                 hint = self.thresholds[g]
-                keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if w_eff else None
+                keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if with_w_eff else None
                 _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep)
                 if xp is np and hint and t:  # the next band (CPU): a few times this step's move
                     self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))

@@ -11,6 +11,13 @@ from .backend import fused
 from .config import TrainConfig
 
 
+f32 = np.float32  # the fused loops take every scalar as the float32 the array code rounds it to
+
+
+def flat(a):
+    return a.reshape(-1)  # a view: fused() takes contiguous arrays only
+
+
 class SGD:
     slots = ("momentum",)
 
@@ -26,7 +33,6 @@ class SGD:
         for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
             loops = fused(self.xp, p, g, buf)
             if loops:  # the same update, as one loop
-                f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
                 loops.sgd(flat(p), flat(g), flat(buf), f32(lr), f32(self.mu), f32(self.wd), self.nesterov)
                 continue
             if self.wd:
@@ -60,9 +66,8 @@ class Adam:
         for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
             loops = fused(xp, p, g, m, v)
             if loops:  # the same update, as one loop
-                f32, flat = np.float32, lambda a: a.reshape(-1)  # noqa: E731
-                loops.adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1), f32(self.b2),
-                                   f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd))
+                loops.adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1),
+                           f32(self.b2), f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd))
                 continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
