@@ -50,11 +50,6 @@ def make(backend: Backend, method: str, widths: list[int], batch: int, k: float 
     return net, optim.make(backend.xp, net.params, TrainConfig(batch_size=batch))
 
 
-def measure(backend: Backend, x, y, method: str, widths: list[int], batch: int, steps: int, split_steps: int) -> dict:
-    """One method alone: `measure_pair` with one round."""
-    return measure_pair(backend, x, y, [method], widths, batch, steps, split_steps, rounds=1)[0]
-
-
 def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], batch: int, steps: int,
                  split_steps: int, rounds: int) -> list[dict]:
     """Each method's figures; the methods take turns, `rounds` rounds of `steps` steps each."""

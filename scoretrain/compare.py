@@ -28,7 +28,6 @@ from .errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
           "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "error")
-K_METHODS = ("edge-popup", "biprop")  # the methods that keep a fixed fraction k of the weights
 
 # --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
 # Rows without the value (k of a dense run; accuracies before epoch 1) go last, unreadable runs after them.
@@ -67,7 +66,7 @@ def read_row(run_dir: Path) -> dict:
         raise RunError(str(e)) from None
     m, model = run.metrics, cfg.model
     row = dict.fromkeys(FIELDS)
-    mlp, has_k = model.arch == "mlp", model.method in K_METHODS  # dense and supermask have no k
+    mlp, has_k = model.arch == "mlp", model.method in config_mod.K_METHODS  # dense and supermask have no k
     row.update(name=run_dir.name, path=str(run_dir), method=model.method,
                widths=list(model.widths) if mlp else None, arch=model.arch, width=None if mlp else model.width,
                k=model.k if has_k else None, k_scope=model.k_scope if has_k else None,

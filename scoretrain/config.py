@@ -20,6 +20,7 @@ from .data import SHAPES
 from .errors import ConfigError
 
 METHODS = ("edge-popup", "dense", "supermask", "biprop")
+K_METHODS = ("edge-popup", "biprop")  # the methods that keep a fixed fraction k of the weights
 ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8")
 K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")

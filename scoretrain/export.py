@@ -16,7 +16,7 @@ import numpy as np
 from . import config as config_mod
 from . import data, store, train
 from .backend import Backend
-from .compare import K_METHODS
+from .config import K_METHODS
 from .errors import ConfigError, RunError, ScoretrainError
 from .model import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 

@@ -19,7 +19,8 @@ from rich.text import Text
 
 from . import config as config_mod
 from . import store
-from .compare import K_METHODS, net_name, print_wide
+from .compare import net_name, print_wide
+from .config import K_METHODS
 from .errors import ConfigError, RunError
 
 

@@ -7,7 +7,8 @@ straight through: dL/dS = dL/dW_eff * W * sign(S) (the gradient of W * |S|, as i
 were the identity on |S|). No biases; ReLU between layers, none after the last.
 
 Other methods change only how W_eff is made from (W, S) and how dL/dW_eff reaches the
-learned tensor (see METHODS below); the layers never know which method is in use.
+learned tensor (Network._select, _combine and _to_learned; docs/methods.md); the layers
+never know which method is in use.
 
 All array code is written against `xp` (numpy or cupy).
 """

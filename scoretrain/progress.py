@@ -12,13 +12,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .config import K_METHODS
+
 REFRESH_SECONDS = 0.25  # how often the live loss is read back (a device sync on a GPU)
 
 
 def describe(cfg) -> str:
     m = cfg.model
     net = "-".join(map(str, m.widths)) if m.arch == "mlp" else f"{m.arch} x{m.width:g}"
-    k = f", k={m.k:g}" + (" (global)" if m.k_scope == "global" else "") if m.method in ("edge-popup", "biprop") else ""
+    k = f", k={m.k:g}" + (" (global)" if m.k_scope == "global" else "") if m.method in K_METHODS else ""
     return f"{m.method} {net}{k}, {m.init}, {cfg.train.optimizer} lr={cfg.train.lr:g}, {cfg.train.epochs} epochs"
 
 
