@@ -91,8 +91,11 @@ def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], 
 
 
 def split(backend: Backend, net, opt, x, y, batches) -> dict:
-    """The fraction of a step in each of train_step's four phases, each timed to its end."""
-    phases = dict(select=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    """The fraction of a step in each of train_step's four phases, each timed to its end:
+    select (the masks and W_eff), forward (with the loss), backward (dL/dW_eff) and update (the
+    straight-through gradient and the optimizer). On the CPU, edge-popup's update also makes the
+    next top-k's pass over the scores (kernels.sweep), and select only settles the bands."""
+    phases = dict(select=0.0, forward=0.0, backward=0.0, update=0.0)
     clock = time.perf_counter
     for idx in batches:
         xb, yb = x[idx], y[idx]
@@ -104,10 +107,10 @@ def split(backend: Backend, net, opt, x, y, batches) -> dict:
         _, _, dlogits = cross_entropy(backend.xp, logits, yb)
         backend.sync()
         t2 = clock()
-        grads = net.backward(caches, w_eff, dlogits)
+        net.backward(caches, w_eff, dlogits)
         backend.sync()
         t3 = clock()
-        opt.step(net.params, grads, 0.01)
+        net.update(opt, 0.01)
         backend.sync()
         t4 = clock()
         for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):

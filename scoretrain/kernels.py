@@ -1,97 +1,206 @@
-"""Fused loops: the passes over every weight in a training step (the top-k threshold, the mask
-and W_eff, the straight-through gradient, the optimizer update), each as one loop. As NumPy or
-CuPy array code each is several passes (kernels) with temporaries, over arrays larger than
-the caches; these read every input once.
+"""Fused loops: the passes over every weight in a training step (the straight-through gradient,
+the optimizer update, the top-k threshold, the mask and W_eff), as few loops as possible. As
+NumPy or CuPy array code each is several passes (kernels) with temporaries, over arrays larger
+than the caches; these read every input once.
 
-On the CPU they are numba loops; on the GPU the straight-through gradient and the optimizer
-updates are CUDA kernels (the end of this file), and the top-k stays array code (one device
-partition). backend.fused hands them out, for contiguous float32 arrays; float64 (the gradient
-checks) takes the array code. Each loop gives the same bits as the array code it replaces, as
-written in its docstring: tests/test_model.py checks the numba loops against it, and
-tests/test_gpu.py the CUDA kernels against the numba loops. numba does not check bounds: every
-loop runs over its first array's size, and the others must be as long. numba takes ~0.4 s to
-import, so this module is imported on first use; the compiled loops are cached on disk
-(cache=True), so only a machine's first run compiles them.
+On the CPU they are numba loops, and for edge-popup one loop does a whole step's work on the
+scores: `sweep` takes dL/dW_eff through the mask, updates each score with the optimizer's rule,
+and sorts the new score against a band around the last threshold (above it, below it, or in
+it). What remains of the next top-k is a partition of the few values in the band (`settle`).
+On the GPU the straight-through gradient and the optimizer updates are CUDA kernels (the end of
+this file), and the top-k stays array code (one device partition). backend.fused hands them
+out, for contiguous float32 arrays; float64 (the gradient checks) takes the array code.
+
+Each loop gives the same bits as the array code it replaces, as written in its docstring:
+tests/test_model.py checks the numba loops against it, and tests/test_gpu.py the CUDA kernels
+against the numba loops. numba does not check bounds: every loop runs over its first array's
+size, and the others must be as long. numba takes ~0.4 s to import, so this module is imported
+on first use; the compiled loops are cached on disk (cache=True), so only a machine's first run
+compiles them.
 """
 
 import functools
+import math
 import types
+from collections import namedtuple
 
 import numba
 import numpy as np
 
-BLOCK = 32  # band_topk counts a block in a vectorized loop before it looks at single values
-
-# The top-k works on the bits of |x| (x's bits without the sign bit) as unsigned integers, which
-# for floats >= 0 order like the values: t is a threshold in those bits. The loops keep to 32-bit
-# integers (numba would widen them to 64 bits), so that they vectorize. Where `w` and `out` are
-# given, out = w * mask is written in the same pass (None: only the mask).
+# The top-k ranks by |x|. The sweep compares float magnitudes, where `not |x| <= hi` is also true
+# for NaN, which ranks above everything, as it does in the bits of |x| (x's bits without the
+# sign bit) as unsigned integers, which order like the values for floats >= 0, and in which the
+# partitions work and a threshold t is given.
 MAGNITUDE = np.uint32(0x7FFFFFFF)
-SIGN = np.uint32(0x80000000)
+BLOCK = np.uint64(32)  # the sweep counts a block in a vectorized loop before it looks at single values
+
+# error_model="numpy": a float division by zero gives inf, as in NumPy, unchecked (numba's default
+# raises ZeroDivisionError, and its check keeps a loop from vectorizing).
+jit = numba.njit(cache=True, error_model="numpy")
+
+# What the sweep sorts against: per span [spans[j, 0], spans[j, 1]) of x, the band of
+# magnitudes bounds[j] = (lo, hi). It writes mask = |x| > hi, and notes the indices (relative to
+# the span) of the values in the band in index[spans[j, 0]:], and (above, found) in counts[j].
+Band = namedtuple("Band", "spans bounds mask index counts")
 
 
-@numba.njit(cache=True)
-def band_topk(x, k, lo, hi, mask, w, out, band_idx):
-    """The top-k mask of |x| in one pass over x, if the k-th largest lies in the band [lo, hi]
-    (lo <= hi): returns (True, t). Otherwise (False, 0), and mask and out hold garbage.
+# --- one element ---------------------------------------------------------------------------------
+# numba inlines these into the loops that call them. They take and return values, never arrays:
+# an array passed to an inlined function is reference-counted at every call, and the loop would
+# not vectorize. The optimizer rules are optim.py's array code, in its order of operations and
+# its float32 roundings (every scalar comes in as a float32).
 
-    The pass keeps the values above the band, drops those below it, and notes the indices of
-    those in it (blocks without one, most of them for a narrow band, are only counted); then
-    only the band is partitioned, and its values are kept or dropped by the threshold found,
-    ties at it to the lowest indices."""
+
+@numba.njit(inline="always")
+def _sgd(x, d, b, lr, mu, wd, nesterov):
+    """g += wd * p; buf = mu * buf + g; p -= lr * (g + mu * buf if nesterov else buf), for
+    x = p[i], d = g[i], b = buf[i]: the new (x, b). Without momentum (mu == 0) b is kept and
+    p -= lr * g."""
+    if wd:
+        d += x * wd
+    if mu:
+        b = b * mu + d
+        d = d + b * mu if nesterov else b
+    return x - d * lr, b
+
+
+@numba.njit(inline="always")
+def _adam(x, d, m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd):
+    """g += wd * p; m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g * g;
+    p -= step_size * m / (sqrt(v / c2) + eps), for x = p[i], d = g[i], m[i], v[i]: the new
+    (x, m, v)."""
+    if wd:
+        d += x * wd
+    m = m * b1 + d * one_minus_b1
+    v = v * b2 + d * d * one_minus_b2
+    return x - m / (np.sqrt(v / c2) + eps) * step_size, m, v
+
+
+@numba.njit(inline="always")
+def _through(g, w, s):
+    """g * w * sign(s), with s's sign bit for its sign: negated where the bit is set (where
+    s == +0 the product is kept: the straight-through derivative of |s| at 0 is a convention).
+    The straight-through gradient of W_eff = w * |s|."""
+    v = g * w
+    return -v if math.copysign(1.0, s) < 0 else v
+
+
+# --- the loops ------------------------------------------------------------------------------------
+
+
+@jit
+def sgd(p, g, opt):
+    """optim.SGD's update of p with gradient g; opt = (buf, lr, mu, wd, nesterov)."""
+    buf, lr, mu, wd, nesterov = opt
+    for i in range(p.size):
+        p[i], buf[i] = _sgd(p[i], g[i], buf[i], lr, mu, wd, nesterov)
+
+
+@jit
+def adam(p, g, opt):
+    """optim.Adam's update of p with gradient g; opt = (m, v, step_size, b1, 1 - b1, b2, 1 - b2,
+    c2, eps, wd)."""
+    m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd = opt
+    for i in range(p.size):
+        p[i], m[i], v[i] = _adam(p[i], g[i], m[i], v[i], step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd)
+
+
+@jit
+def straight_through(g, w, s):
+    """g *= w * sign(s), s's sign bit for its sign (model.times_sign's convention)."""
+    for i in range(g.size):
+        g[i] = _through(g[i], w[i], s[i])
+
+
+@jit
+def sweep(p, g, sgd, adam, w, band, out):
+    """Edge-popup's step on the scores p, in one pass: each p[i] is updated by the optimizer
+    rule given (sgd or adam, as in the loops above) with the straight-through gradient of
+    W_eff = w * |p| from g = dL/dW_eff, then sorted against its span's band (see Band); with
+    `out`, out = w * mask is written too. With no rule (and no g), the top-k pass alone.
+    numba compiles the branches of the arguments given only: one that is None prunes them.
+
+    Indices are unsigned: numba would otherwise guard every access against a negative index
+    (Python's wrap-around), and the loop would not vectorize."""
+    mask, index, one = band.mask, band.index, np.uint64(1)
+    if sgd is not None:
+        buf, lr, mu, wd, nesterov = sgd
+    if adam is not None:
+        m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd = adam
+    for j in range(len(band.spans)):
+        a, b = np.uint64(band.spans[j, 0]), np.uint64(band.spans[j, 1])
+        lo, hi = band.bounds[j, 0], band.bounds[j, 1]
+        above, found = 0, np.uint64(0)
+        whole = b - (b - a) % BLOCK
+        for start in range(a, whole, BLOCK):
+            block_above, block_in = np.int32(0), np.int32(0)
+            for i in range(start, start + BLOCK):  # a constant trip count, no branch: vectorized
+                x = p[i]
+                if sgd is not None:
+                    x, buf[i] = _sgd(x, _through(g[i], w[i], x), buf[i], lr, mu, wd, nesterov)
+                    p[i] = x
+                if adam is not None:
+                    x, m[i], v[i] = _adam(x, _through(g[i], w[i], x), m[i], v[i], step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd)
+                    p[i] = x
+                kept = not abs(x) <= hi
+                mask[i] = kept
+                if out is not None:
+                    out[i] = w[i] * kept
+                block_above += np.int32(kept)
+                block_in += np.int32((lo <= abs(x)) & (abs(x) <= hi))  # & as no branch
+            above += block_above
+            if block_in:  # few blocks for a narrow band
+                for i in range(start, start + BLOCK):
+                    if lo <= abs(p[i]) <= hi:
+                        index[a + found] = i - a
+                        found += one
+        for i in range(whole, b):  # the last, partial block: the same, one by one
+            x = p[i]
+            if sgd is not None:
+                x, buf[i] = _sgd(x, _through(g[i], w[i], x), buf[i], lr, mu, wd, nesterov)
+                p[i] = x
+            if adam is not None:
+                x, m[i], v[i] = _adam(x, _through(g[i], w[i], x), m[i], v[i], step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd)
+                p[i] = x
+            kept = not abs(x) <= hi
+            mask[i] = kept
+            if out is not None:
+                out[i] = w[i] * kept
+            above += kept
+            if lo <= abs(x) <= hi:
+                index[a + found] = i - a
+                found += one
+        band.counts[j, 0], band.counts[j, 1] = above, found
+
+
+@jit
+def settle(x, k, above, index, mask, w, out):
+    """Finish a top-k that a sweep began, given that the k-th largest |x| is in the band
+    (above < k <= above + len(index)): keep the k - above largest of the band's values x[index],
+    ties at the threshold to the lowest indices; returns the threshold t (bits of |x|)."""
     bits = x.view(np.uint32)
-    width = np.uint32(hi - lo)  # b in [lo, hi]  <=>  b - lo <= width, in wrapping arithmetic
-    above, found = 0, 0
-    whole = bits.size - bits.size % BLOCK
-    for start in range(0, whole, BLOCK):
-        block_above, block_in = 0, 0
-        for i in range(start, start + BLOCK):  # a constant trip count, no branch: vectorized
-            v = bits[i] & MAGNITUDE
-            keep = v > hi
-            mask[i] = keep
-            if out is not None:  # decided when numba compiles, not per value
-                out[i] = w[i] * keep
-            block_above += np.int32(keep)
-            block_in += np.int32(np.uint32(v - lo) <= width)
-        above += block_above
-        if block_in:
-            for i in range(start, start + BLOCK):
-                if np.uint32((bits[i] & MAGNITUDE) - lo) <= width:
-                    band_idx[found] = i
-                    found += 1
-    for i in range(whole, bits.size):  # the last, partial block
-        v = bits[i] & MAGNITUDE
-        mask[i] = v > hi
-        if out is not None:
-            out[i] = w[i] * mask[i]
-        above += v > hi
-        if np.uint32(v - lo) <= width:
-            band_idx[found] = i
-            found += 1
-    if not above < k <= above + found:
-        return False, np.uint32(0)
-    idx = band_idx[:found]
-    values = bits[idx] & MAGNITUDE
+    found = len(index)
+    values = bits[index] & MAGNITUDE
     t = np.partition(values, found - (k - above))[found - (k - above)]
     ties = k - above - np.count_nonzero(values > t)  # how many of the values equal to t to keep
     for j in range(found):  # in index order
-        keep = values[j] > t or (values[j] == t and ties > 0)
-        ties -= values[j] == t and keep
-        mask[idx[j]] = keep
+        kept = values[j] > t or (values[j] == t and ties > 0)
+        ties -= values[j] == t and kept
+        mask[index[j]] = kept
         if out is not None:
-            out[idx[j]] = w[idx[j]] * keep
-    return True, t
+            out[index[j]] = w[index[j]] * kept
+    return t
 
 
-@numba.njit(cache=True)
+@jit
 def keep_top(x, t, ties, mask, w, out):
-    """The mask of |x| > t, plus the first `ties` indices where |x| == t."""
+    """The mask of |x| > t, plus the first `ties` indices where |x| == t (and out = w * mask)."""
     bits = x.view(np.uint32)
     for i in range(bits.size):  # branch-free: vectorized
-        keep = (bits[i] & MAGNITUDE) > t
-        mask[i] = keep
+        kept = (bits[i] & MAGNITUDE) > t
+        mask[i] = kept
         if out is not None:
-            out[i] = w[i] * keep
+            out[i] = w[i] * kept
     for i in range(bits.size if ties > 0 else 0):
         if (bits[i] & MAGNITUDE) == t:
             mask[i] = True
@@ -102,61 +211,29 @@ def keep_top(x, t, ties, mask, w, out):
                 break
 
 
-@numba.njit(cache=True)
+@jit
 def masked(w, mask, out):
     """out = w * mask"""
     for i in range(w.size):
         out[i] = w[i] * mask[i]
 
 
-@numba.njit(cache=True)
-def straight_through(g, w, s):
-    """g *= w * sign(s), with s's sign bit for its sign: g * w, negated where s's sign bit is
-    set (model.times_sign's convention: where s == +0 the product is kept)."""
-    s_bits = s.view(np.uint32)
-    for i in range(g.size):
-        v = g[i] * w[i]
-        g[i] = -v if s_bits[i] & SIGN else v
-
-
-# The optimizers' updates (optim.py's array code, in its order of operations and its float32
-# roundings: every scalar comes in as a float32).
-
-
-@numba.njit(cache=True)
-def sgd(p, g, buf, lr, mu, wd, nesterov):
-    """optim.SGD.step on one tensor: g += wd * p; buf = mu * buf + g; p -= lr * (g + mu * buf
-    if nesterov else buf). Without momentum (mu == 0), buf is untouched and p -= lr * g."""
-    for i in range(p.size):
-        d = g[i]
-        if wd:
-            d += p[i] * wd
-        if mu:
-            b = buf[i] * mu + d
-            buf[i] = b
-            d = d + b * mu if nesterov else b
-        p[i] -= d * lr
-
-
-@numba.njit(cache=True)
-def adam(p, g, m, v, step_size, b1, one_minus_b1, b2, one_minus_b2, c2, eps, wd):
-    """optim.Adam.step on one tensor: g += wd * p; m = b1 * m + (1 - b1) * g;
-    v = b2 * v + (1 - b2) * g * g; p -= step_size * m / (sqrt(v / c2) + eps)."""
-    for i in range(p.size):
-        d = g[i]
-        if wd:
-            d += p[i] * wd
-        mi = m[i] * b1 + d * one_minus_b1
-        vi = v[i] * b2 + d * d * one_minus_b2
-        m[i], v[i] = mi, vi
-        p[i] -= mi / (np.sqrt(vi / c2) + eps) * step_size
+def update(rule, p, g, state, scalars, w=None, band=None, out=None):
+    """The optimizer's update of p with gradient g, rule "sgd" or "adam"; optim.py calls it so on
+    both backends (cuda().update). With a band, edge-popup's whole step on the scores (sweep)."""
+    opt = (*state, *scalars)
+    if band is None:
+        (sgd if rule == "sgd" else adam)(p, g, opt)
+    else:
+        sweep(p, g, opt if rule == "sgd" else None, opt if rule == "adam" else None, w, band, out)
 
 
 # --- the same updates as CUDA kernels, for CuPy -------------------------------------------------
 # The bodies do what the numba loops above do, with __f*_rn intrinsics: they round after every
 # operation, as the array code does (CUDA would otherwise fuse a multiply and an add into one FMA),
 # so that a GPU step gives the CPU's bits. Parameters: (inputs, outputs, body), as
-# cupy.ElementwiseKernel takes them; an output is read and written in place.
+# cupy.ElementwiseKernel takes them; an output is read and written in place. An optimizer's
+# kernel takes g and the numba rule's scalars, in their order, then p and the rule's state.
 CUDA = {
     "straight_through": (
         "float32 w, float32 s", "float32 g",
@@ -195,6 +272,5 @@ def cuda():
     k = {name: cupy.ElementwiseKernel(*spec, name=f"scoretrain_{name}") for name, spec in CUDA.items()}
     return types.SimpleNamespace(
         straight_through=lambda g, w, s: k["straight_through"](w, s, g),
-        sgd=lambda p, g, buf, lr, mu, wd, nesterov: k["sgd"](g, lr, mu, wd, nesterov, p, buf),
-        adam=lambda p, g, m, v, *scalars: k["adam"](g, *scalars, p, m, v),
+        update=lambda rule, p, g, state, scalars: k[rule](g, *scalars, p, *state),
     )

@@ -7,7 +7,7 @@ straight through: dL/dS = dL/dW_eff * W * sign(S) (the gradient of W * |S|, as i
 were the identity on |S|). No biases; ReLU between layers, none after the last.
 
 Other methods change only how W_eff is made from (W, S) and how dL/dW_eff reaches the
-learned tensor (Network._select, _combine and _to_learned; docs/methods.md); the layers
+learned tensor (Network._select, _combine and learned_gradient; docs/methods.md); the layers
 never know which method is in use.
 
 All array code is written against `xp` (numpy or cupy).
@@ -33,13 +33,14 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
-def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None):
+def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None, swept=None):
     """A bool mask with exactly k True where |a| is largest, and the threshold used (the k-th
     largest |a|). Ties at the threshold go to the lowest flat indices, so the mask equals the
     first k of a stable descending sort of |a|. `hint` (the last step's threshold) and `band`
     only make it faster. With `out` (a bool array of a's shape) the mask is written there;
     with `keep` = (w, w_out), also w * mask into w_out, in the same pass on the CPU.
-    On the CPU, `a` is contiguous float32."""
+    On the CPU, `a` is contiguous float32, and `swept` = (above, band indices) is what a
+    kernels.sweep has already found for the band band_bounds(hint, band) (Network.update)."""
     flat = a.ravel()
     n = flat.size
     mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
@@ -55,25 +56,36 @@ def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None)
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
     else:  # the CPU: fused loops, with w * mask in the same pass
-        return mask.reshape(a.shape), _topk_fused(loops, flat, k, hint, band, mask, w, w_out)
+        return mask.reshape(a.shape), _topk_fused(loops, flat, k, hint, band, mask, w, w_out, swept)
     if keep is not None:
         xp.multiply(w, mask, out=w_out)
     return mask.reshape(a.shape), t
 
 
-def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out):
+def band_bounds(hint, band: float) -> tuple[float, float]:
+    """The magnitudes (lo, hi) within a relative half-width `band` of the last threshold."""
+    h = float(hint)  # Python floats: NumPy scalar arithmetic costs microseconds, per step
+    return h * (1 - min(band, 1.0)), h * (1 + band)
+
+
+def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out, swept=None):
     """topk_mask on the CPU (kernels.py), returning the threshold.
 
-    Scores move little per step, so the new threshold is near the last one: one pass keeps the
-    values above a band of relative half-width `band` around the hint, drops those below it,
-    and notes those in it; if the k-th largest is among them, only they are partitioned. A miss
-    widens the band tenfold; a second miss, or no hint, partitions everything."""
+    Scores move little per step, so the new threshold is near the last one: one pass (a
+    kernels.sweep, or the one given as `swept`) keeps the values above a band of relative
+    half-width `band` around the hint, drops those below it, and notes those in it; if the k-th
+    largest is among them, only they are partitioned (kernels.settle). A miss widens the band
+    tenfold; a second miss, or no hint, partitions everything."""
     if hint is not None and hint > 0:
         for r in (band, 10 * band):
-            lo, hi = np.array((hint * (1 - min(r, 1.0)), hint * (1 + r)), np.float32).view(np.uint32)
-            hit, t = kernels.band_topk(flat, k, lo, hi, mask, w, w_out, np.empty(flat.size, np.int64))
-            if hit:
-                return np.uint32(t).view(np.float32)
+            if swept is None:
+                b = kernels.Band(np.array([[0, flat.size]]), np.array([band_bounds(hint, r)], np.float32), mask,
+                                 np.empty(flat.size, np.int64), np.empty((1, 2), np.int64))
+                kernels.sweep(flat, None, None, None, w, b, w_out)
+                swept = b.counts[0, 0], b.index[: b.counts[0, 1]]
+            (above, index), swept = swept, None
+            if above < k <= above + len(index):
+                return np.uint32(kernels.settle(flat, k, above, index, mask, w, w_out)).view(np.float32)
     bits = flat.view(np.uint32) & kernels.MAGNITUDE
     t = np.partition(bits, bits.size - k)[bits.size - k]
     kernels.keep_top(flat, t, k - np.count_nonzero(bits > t), mask, w, w_out)
@@ -286,7 +298,7 @@ class Network:
         self.weights = _views(self.w_flat, shapes)
         self.g_flat = xp.empty_like(self.w_flat)
         self.grads = _views(self.g_flat, shapes)
-        self.scores = self.masks = None
+        self.scores = self.masks = self.sweep = None
         if self.method == "dense":
             return
         self.s_flat = flat(scores)
@@ -303,6 +315,9 @@ class Network:
         self.kept = [kept_count(cfg.k, hi - lo) for lo, hi in self.groups]
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
         self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
+        if self.method == "edge-popup" and xp is np and fused(xp, self.s_flat):  # what update()'s sweep finds
+            self.sweep = fused(xp).Band(np.array(self.groups, np.int64), np.zeros((len(self.groups), 2), np.float32),
+                                        self.m_flat, np.empty(self.s_flat.size, np.int64), np.full((len(self.groups), 2), -1))
         self.layer_bounds = bounds
         if self.method == "biprop":
             self.w_sign = xp.sign(self.w_flat)
@@ -351,13 +366,20 @@ class Network:
             xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
             with_w_eff = self.method == "edge-popup"  # W_eff = W * M in the same pass (biprop's needs alpha)
+            counts = None if self.sweep is None else self.sweep.counts.tolist()
             for g, (lo, hi) in enumerate(self.groups):
                 hint = self.thresholds[g]
                 keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if with_w_eff else None
-                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep)
+                swept = None
+                if counts and counts[g][0] >= 0:  # update() swept the scores against this group's band
+                    above, found = counts[g]
+                    swept = above, self.sweep.index[lo : lo + found]
+                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep, swept)
                 if xp is np and hint and t:  # the next band (CPU): a few times this step's move
                     self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
                 self.thresholds[g] = t
+            if self.sweep is not None:
+                self.sweep.counts[:] = -1  # used once: the scores change before the next sweep
 
     def _combine(self) -> list:
         xp = self.xp
@@ -386,8 +408,8 @@ class Network:
             caches.append(cache)
         return x, caches
 
-    def backward(self, caches: list, w_eff: list, dlogits) -> list:
-        """Gradients of the loss with respect to `params`, from dL/dlogits."""
+    def backward(self, caches: list, w_eff: list, dlogits) -> None:
+        """dL/dW_eff, from dL/dlogits, into self.grads (views of self.g_flat)."""
         d, wi = dlogits, len(self.weighted) - 1
         for i in reversed(range(self.weighted[0], len(self.layers))):
             layer = self.layers[i]
@@ -396,12 +418,22 @@ class Network:
                 wi -= 1
             else:
                 d = layer.backward(d, caches[i])
-        self._to_learned(self.g_flat)
-        return [self.g_flat]
 
-    def _to_learned(self, g) -> None:
-        """dL/dW_eff -> dL/d(learned tensor), in place: straight through the mask."""
-        xp = self.xp
+    def update(self, opt, lr: float) -> None:
+        """The optimizer's step on `params`, from backward's dL/dW_eff. On the CPU, edge-popup's
+        straight-through gradient, the update and the next top-k's pass over the new scores are
+        one loop (kernels.sweep, against each group's band), which leaves the next _select only
+        the values in each band to settle."""
+        if self.sweep is None:
+            opt.step(self.params, self.learned_gradient(), lr)
+            return
+        self.sweep.bounds[:] = [band_bounds(hint or 0.0, r) for hint, r in zip(self.thresholds, self.bands)]
+        opt.step(self.params, [self.g_flat], lr, w=self.w_flat, band=self.sweep, out=self.we_flat)
+
+    def learned_gradient(self) -> list:
+        """dL/dW_eff (backward's) -> dL/d(learned tensor), in place, straight through the mask:
+        the gradients of `params`."""
+        xp, g = self.xp, self.g_flat
         if self.method == "edge-popup":  # W_eff = W * M(|S|) ~ W * |S|
             straight_through(xp, g, self.w_flat, self.s_flat, self._tmp)
         elif self.method == "biprop":  # W_eff = alpha * sign(W) * M(|S|), alpha held constant
@@ -413,6 +445,7 @@ class Network:
             g *= self.w_flat
             g *= p
             g *= 1 - p
+        return [g]
 
 
 def straight_through(xp, g, w, s, scratch) -> None:

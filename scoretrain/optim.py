@@ -28,12 +28,14 @@ class SGD:
         self.tmp = [xp.empty_like(p) for p in params]  # scratch, so a step allocates nothing
         self.steps = 0
 
-    def step(self, params: list, grads: list, lr: float) -> None:
+    def step(self, params: list, grads: list, lr: float, **sweep) -> None:
+        """params -= the update from grads. `sweep` (w, band, out): the fused CPU loop's extra
+        work in the same pass, for Network.update only (kernels.sweep)."""
         mul = self.xp.multiply
         for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
             loops = fused(self.xp, p, g, buf)
             if loops:  # the same update, as one loop
-                loops.sgd(flat(p), flat(g), flat(buf), f32(lr), f32(self.mu), f32(self.wd), self.nesterov)
+                loops.update("sgd", flat(p), flat(g), (flat(buf),), (f32(lr), f32(self.mu), f32(self.wd), self.nesterov), **sweep)
                 continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
@@ -58,7 +60,8 @@ class Adam:
         self.tmp = [xp.empty_like(p) for p in params]
         self.steps = 0
 
-    def step(self, params: list, grads: list, lr: float) -> None:
+    def step(self, params: list, grads: list, lr: float, **sweep) -> None:
+        """As SGD.step."""
         xp, mul = self.xp, self.xp.multiply
         self.steps += 1
         c1 = 1.0 - self.b1**self.steps
@@ -66,8 +69,8 @@ class Adam:
         for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
             loops = fused(xp, p, g, m, v)
             if loops:  # the same update, as one loop
-                loops.adam(flat(p), flat(g), flat(m), flat(v), f32(lr / c1), f32(self.b1), f32(1.0 - self.b1),
-                           f32(self.b2), f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd))
+                loops.update("adam", flat(p), flat(g), (flat(m), flat(v)), (f32(lr / c1), f32(self.b1), f32(1.0 - self.b1),
+                             f32(self.b2), f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd)), **sweep)
                 continue
             if self.wd:
                 g += mul(p, self.wd, out=tmp)

@@ -77,7 +77,8 @@ def train_step(net: Network, opt, x, y, lr: float):
     w_eff = net.effective_weights()
     logits, caches = net.forward(x, w_eff)
     loss_sum, correct, dlogits = cross_entropy(net.xp, logits, y)
-    opt.step(net.params, net.backward(caches, w_eff, dlogits), lr)
+    net.backward(caches, w_eff, dlogits)
+    net.update(opt, lr)
     return loss_sum, correct
 
 

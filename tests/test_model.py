@@ -75,9 +75,9 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
 
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 7919])
-def test_band_topk_is_the_top_k_or_says_it_missed(n):
-    """The fused CPU pass (blocks of 32, a partial last block) for bands that hold the k-th
-    largest |x| or not, tie-heavy values included, with and without w * mask."""
+def test_sweep_and_settle_are_the_top_k_or_say_they_missed(n):
+    """The CPU top-k pass (blocks of 32, a partial last block, spans that start anywhere) for
+    bands that hold the k-th largest |x| or not, tie-heavy values included, then settle."""
     from scoretrain import kernels
 
     rng = np.random.default_rng(n)
@@ -86,14 +86,23 @@ def test_band_topk_is_the_top_k_or_says_it_missed(n):
         w = rng.standard_normal(n).astype(np.float32)
         for k in sorted({1, max(1, n // 3), n}):
             t = b[k - 1]
-            for lo, hi in [(0, 2**31 - 1), (t, t), (t // 2, t), (t, t * 2 + 1), (t + 1, t + 9), (0, max(t, 1) - 1)]:
-                mask, out = np.zeros(n, bool), np.full(n, np.nan, np.float32)
-                hit, found = kernels.band_topk(x, k, np.uint32(lo), np.uint32(hi), mask, w, out, np.empty(n, np.int64))
-                assert hit == (lo <= t <= hi)
-                if hit:
-                    assert found == t
-                    np.testing.assert_array_equal(mask, stable_topk(np.abs(x), k))
-                    np.testing.assert_array_equal(out, w * mask)
+            f = t.view(np.float32)  # the k-th largest |x|
+            up, down = np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(0))
+            for lo, hi in [(0, np.inf), (f, f), (f / 2, f), (f, 2 * f + 1), (up, up * 2 + 1), (0, down)]:
+                # x as the second of two spans, at offset 37: indices come back relative to the span
+                xs, ws = np.concatenate([np.ones(37, np.float32), x]), np.concatenate([np.ones(37, np.float32), w])
+                mask, out = np.zeros(n + 37, bool), np.full(n + 37, np.nan, np.float32)
+                band = kernels.Band(np.array([[0, 37], [37, n + 37]]), np.array([(0, 2), (lo, hi)], np.float32),
+                                    mask, np.empty(n + 37, np.int64), np.empty((2, 2), np.int64))
+                kernels.sweep(xs, None, None, None, ws, band, out)
+                (above, found), index = band.counts[1], band.index[37 : 37 + band.counts[1, 1]]
+                assert above == np.sum(np.abs(x) > np.float32(hi)) and found == np.sum((np.abs(x) >= lo) & (np.abs(x) <= hi))
+                assert (above < k <= above + found) == (lo <= f <= hi)
+                if lo <= f <= hi:
+                    assert kernels.settle(x, k, above, index, mask[37:], w, out[37:]) == t
+                    np.testing.assert_array_equal(mask[37:], stable_topk(np.abs(x), k))
+                    np.testing.assert_array_equal(out[37:], w * mask[37:])
+                assert tuple(band.counts[0]) == (0, 37)  # the first span, all ones, lies in its band (0, 2)
 
 
 def test_fused_loops_give_the_bits_of_the_numpy_expressions():
@@ -248,6 +257,7 @@ def analytic(net, x, y, train=True):
     w_eff = [a.copy() for a in net.effective_weights(train)]
     logits, caches = net.forward(x.copy(), w_eff)
     net.backward(caches, w_eff, cross_entropy(np, logits, y)[2])
+    net.learned_gradient()
     return w_eff, [g.copy() for g in net.grads]
 
 
@@ -345,7 +355,7 @@ def test_bench_measures_a_small_case():
     for r in pair:
         assert len(r["seconds_per_step_rounds"]) == 2 and r["seconds_per_step"] == min(r["seconds_per_step_rounds"]) > 0
         assert r["samples_per_second"] == 64 / r["seconds_per_step"]
-        assert abs(sum(r["split"].values()) - 1) < 1e-9 and set(r["split"]) == {"select", "forward", "backward", "optimizer"}
+        assert abs(sum(r["split"].values()) - 1) < 1e-9 and set(r["split"]) == {"select", "forward", "backward", "update"}
     assert pair[1]["split"]["select"] < pair[0]["split"]["select"]  # dense has no mask to select
 
 
@@ -424,6 +434,42 @@ def test_fused_optimizer_updates_give_the_bits_of_the_array_code(opt):
     assert not np.array_equal(finals[0][0], p0[0])
 
 
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd"), dict(optimizer="sgd", nesterov=True), dict(optimizer="sgd", momentum=0.0),
+                                 dict(optimizer="sgd", weight_decay=0.0), dict(optimizer="adam", lr=0.003)])
+@pytest.mark.parametrize("k_scope", ["layer", "global"])
+def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scope):
+    """Network.update's one loop (straight-through, optimizer, the next top-k's pass) against
+    the same step as separate numba loops (no sweep) and as array code (the CuPy path)."""
+    from scoretrain import optim
+    from scoretrain.config import TrainConfig
+    from scoretrain.train import train_step
+
+    cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.4, k_scope=k_scope)
+    w, s = init_network(cfg, 0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12 * 16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 12 * 16)
+    t = TrainConfig(**opt)
+    runs, settled = [], 0
+    for xp, sweep in ((np, True), (np, False), (ForeignNumpy(), False)):
+        net = Network(xp, cfg, w, s)
+        if not sweep:
+            net.sweep = None
+        assert (net.sweep is not None) == sweep
+        o = optim.make(xp, net.params, t)
+        for i in range(0, len(y), 16):
+            if sweep and i:  # the last update swept the scores: the next selection settles its bands
+                counts, kept = net.sweep.counts, np.array(net.kept)
+                settled += np.sum((counts[:, 0] < kept) & (kept <= counts.sum(axis=1)))
+            train_step(net, o, x[i : i + 16], y[i : i + 16], t.lr)
+        net.effective_weights(train=False)
+        runs.append([net.s_flat, net.m_flat, net.we_flat] + [a for arrays in o.state.values() for a in arrays])
+    for fused_run_array, *others in zip(*runs):
+        for other in others:
+            np.testing.assert_array_equal(fused_run_array.view(np.uint8), other.view(np.uint8))
+    assert settled >= 11 * len(net.groups) // 2  # most selections took the swept path
+    assert not np.array_equal(runs[0][0], np.concatenate([a.ravel() for a in s]))  # the scores did move
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (the CUDA compiler) on this machine")
 def test_cuda_kernel_bodies_compile_and_round_after_every_operation(tmp_path):
     """kernels.CUDA's bodies, in a kernel shaped as cupy.ElementwiseKernel makes it (inputs as
@@ -472,8 +518,8 @@ def test_cuda_kernel_wrappers_pass_each_array_to_its_declared_parameter(monkeypa
     cuda = kernels.cuda.__wrapped__()
     cuda.straight_through("G", "W", "S")
     assert calls["scoretrain_straight_through"] == dict(g="G", w="W", s="S")
-    cuda.sgd("P", "G", "BUF", "LR", "MU", "WD", "NESTEROV")
+    cuda.update("sgd", "P", "G", ("BUF",), ("LR", "MU", "WD", "NESTEROV"))
     assert calls["scoretrain_sgd"] == dict(p="P", g="G", buf="BUF", lr="LR", mu="MU", wd="WD", nesterov="NESTEROV")
-    cuda.adam("P", "G", "M", "V", "SS", "B1", "OMB1", "B2", "OMB2", "C2", "EPS", "WD")
+    cuda.update("adam", "P", "G", ("M", "V"), ("SS", "B1", "OMB1", "B2", "OMB2", "C2", "EPS", "WD"))
     assert calls["scoretrain_adam"] == dict(p="P", g="G", m="M", v="V", step_size="SS", b1="B1", one_minus_b1="OMB1",
                                             b2="B2", one_minus_b2="OMB2", c2="C2", eps="EPS", wd="WD")
