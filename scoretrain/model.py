@@ -33,14 +33,13 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
-def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None, swept=None):
+def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None):
     """A bool mask with exactly k True where |a| is largest, and the threshold used (the k-th
     largest |a|). Ties at the threshold go to the lowest flat indices, so the mask equals the
     first k of a stable descending sort of |a|. `hint` (the last step's threshold) and `band`
     only make it faster. With `out` (a bool array of a's shape) the mask is written there;
     with `keep` = (w, w_out), also w * mask into w_out, in the same pass on the CPU.
-    On the CPU, `a` is contiguous float32, and `swept` = (above, band indices) is what a
-    kernels.sweep has already found for the band band_bounds(hint, band) (Network.update)."""
+    On the CPU, `a` is contiguous float32."""
     flat = a.ravel()
     n = flat.size
     mask = xp.empty(flat.shape, dtype=bool) if out is None else out.reshape(flat.shape)
@@ -56,7 +55,7 @@ def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None,
         xp.greater(flat, t, out=mask)
         mask |= ties & (xp.cumsum(ties) <= k - xp.count_nonzero(mask))  # keep the first ties
     else:  # the CPU: fused loops, with w * mask in the same pass
-        return mask.reshape(a.shape), _topk_fused(loops, flat, k, hint, band, mask, w, w_out, swept)
+        return mask.reshape(a.shape), _topk_fused(loops, flat, k, hint, band, mask, w, w_out)
     if keep is not None:
         xp.multiply(w, mask, out=w_out)
     return mask.reshape(a.shape), t
@@ -68,24 +67,22 @@ def band_bounds(hint, band: float) -> tuple[float, float]:
     return h * (1 - min(band, 1.0)), h * (1 + band)
 
 
-def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out, swept=None):
+def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out):
     """topk_mask on the CPU (kernels.py), returning the threshold.
 
-    Scores move little per step, so the new threshold is near the last one: one pass (a
-    kernels.sweep, or the one given as `swept`) keeps the values above a band of relative
-    half-width `band` around the hint, drops those below it, and notes those in it; if the k-th
-    largest is among them, only they are partitioned (kernels.settle). A miss widens the band
-    tenfold; a second miss, or no hint, partitions everything."""
+    Scores move little per step, so the new threshold is near the last one: one pass
+    (kernels.sweep) keeps the values above a band of relative half-width `band` around the hint,
+    drops those below it, and notes those in it; if the k-th largest is among them, only they
+    are partitioned (kernels.settle). A miss widens the band tenfold; a second miss, or no hint,
+    partitions everything. (Network.update makes the first pass in its optimizer loop.)"""
     if hint is not None and hint > 0:
         for r in (band, 10 * band):
-            if swept is None:
-                b = kernels.Band(np.array([[0, flat.size]]), np.array([band_bounds(hint, r)], np.float32), mask,
-                                 np.empty(flat.size, np.int64), np.empty((1, 2), np.int64))
-                kernels.sweep(flat, None, None, None, w, b, w_out)
-                swept = b.counts[0, 0], b.index[: b.counts[0, 1]]
-            (above, index), swept = swept, None
-            if above < k <= above + len(index):
-                return np.uint32(kernels.settle(flat, k, above, index, mask, w, w_out)).view(np.float32)
+            b = kernels.Band(np.array([[0, flat.size]]), np.array([band_bounds(hint, r)], np.float32), mask,
+                             np.empty(flat.size, np.int64), np.empty((1, 2), np.int64))
+            kernels.sweep(flat, None, None, None, w, b, w_out)
+            above, found = b.counts[0]
+            if above < k <= above + found:
+                return np.uint32(kernels.settle(flat, k, above, b.index[:found], mask, w, w_out)).view(np.float32)
     bits = flat.view(np.uint32) & kernels.MAGNITUDE
     t = np.partition(bits, bits.size - k)[bits.size - k]
     kernels.keep_top(flat, t, k - np.count_nonzero(bits > t), mask, w, w_out)
@@ -366,20 +363,21 @@ class Network:
             xp.less(u, sigmoid(xp, self.s_flat, out=self._tmp), out=self.m_flat)
         else:  # edge-popup, biprop: exact top-k of |S| per group
             with_w_eff = self.method == "edge-popup"  # W_eff = W * M in the same pass (biprop's needs alpha)
-            counts = None if self.sweep is None else self.sweep.counts.tolist()
+            counts = [(-1, -1)] * len(self.groups) if self.sweep is None else self.sweep.counts.tolist()
             for g, (lo, hi) in enumerate(self.groups):
-                hint = self.thresholds[g]
-                keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if with_w_eff else None
-                swept = None
-                if counts and counts[g][0] >= 0:  # update() swept the scores against this group's band
-                    above, found = counts[g]
-                    swept = above, self.sweep.index[lo : lo + found]
-                _, t = topk_mask(xp, self.s_flat[lo:hi], self.kept[g], hint, self.m_flat[lo:hi], self.bands[g], keep, swept)
+                hint, k, (above, found) = self.thresholds[g], self.kept[g], counts[g]
+                if hint and above < k <= above + found:  # update() swept the scores, and the band holds the k-th
+                    t = np.uint32(fused(xp).settle(self.s_flat[lo:hi], k, above, self.sweep.index[lo : lo + found],
+                                                   self.m_flat[lo:hi], self.w_flat[lo:hi], self.we_flat[lo:hi]))
+                    t = t.view(np.float32)
+                else:
+                    keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if with_w_eff else None
+                    _, t = topk_mask(xp, self.s_flat[lo:hi], k, hint, self.m_flat[lo:hi], self.bands[g], keep)
                 if xp is np and hint and t:  # the next band (CPU): a few times this step's move
                     self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
                 self.thresholds[g] = t
             if self.sweep is not None:
-                self.sweep.counts[:] = -1  # used once: the scores change before the next sweep
+                self.sweep.counts[:] = -1  # used once (and -1 never hits): the scores change before the next sweep
 
     def _combine(self) -> list:
         xp = self.xp
