@@ -37,6 +37,7 @@ class SGD:
             if loops:  # the same update, as one loop
                 loops.update("sgd", flat(p), flat(g), (flat(buf),), (f32(lr), f32(self.mu), f32(self.wd), self.nesterov), **sweep)
                 continue
+            assert not sweep, "the sweep's work (straight-through, top-k pass) is done by the fused loops only"
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             if self.mu:
@@ -72,6 +73,7 @@ class Adam:
                 loops.update("adam", flat(p), flat(g), (flat(m), flat(v)), (f32(lr / c1), f32(self.b1), f32(1.0 - self.b1),
                              f32(self.b2), f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd)), **sweep)
                 continue
+            assert not sweep, "the sweep's work (straight-through, top-k pass) is done by the fused loops only"
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             m *= self.b1
