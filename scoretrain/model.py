@@ -421,7 +421,8 @@ class Network:
         """The optimizer's step on `params`, from backward's dL/dW_eff. On the CPU, edge-popup's
         straight-through gradient, the update and the next top-k's pass over the new scores are
         one loop (kernels.sweep, against each group's band), which leaves the next _select only
-        the values in each band to settle."""
+        the values in each band to settle. Until then the masks and W_eff are that loop's partial
+        result: read them after effective_weights()."""
         if self.sweep is None:
             opt.step(self.params, self.learned_gradient(), lr)
             return
