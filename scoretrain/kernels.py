@@ -14,7 +14,7 @@ out, for contiguous float32 arrays; float64 (the gradient checks) takes the arra
 Each loop gives the same bits as the array code it replaces, as written in its docstring:
 tests/test_model.py checks the numba loops against it, and tests/test_gpu.py the CUDA kernels
 against the numba loops. numba does not check bounds: every loop runs over its first array's
-size, and the others must be as long. numba takes ~0.4 s to import, so this module is imported
+size (the sweep over its band's spans, settle over its indices), and the others must be as long. numba takes ~0.4 s to import, so this module is imported
 on first use; the compiled loops are cached on disk (cache=True), so only a machine's first run
 compiles them.
 """
