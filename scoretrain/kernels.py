@@ -154,7 +154,10 @@ def sweep(p, g, sgd, adam, w, band, out):
                     if lo <= abs(p[i]) <= hi:
                         index[a + found] = i - a
                         found += one
-        for i in range(whole, b):  # the last, partial block: the same, one by one
+        # The last, partial block: the same, one by one. (One loop for both would not vectorize,
+        # with its trip count not a constant; and a helper for the body could not prune the
+        # branches on None, which numba does only in the jitted function itself.)
+        for i in range(whole, b):
             x = p[i]
             if sgd is not None:
                 x, buf[i] = _sgd(x, _through(g[i], w[i], x), buf[i], lr, mu, wd, nesterov)

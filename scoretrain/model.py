@@ -76,17 +76,23 @@ def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out):
     are partitioned (kernels.settle). A miss widens the band tenfold; a second miss, or no hint,
     partitions everything. (Network.update makes the first pass in its optimizer loop.)"""
     if hint is not None and hint > 0:
+        b = kernels.Band(np.array([[0, flat.size]]), np.empty((1, 2), np.float32), mask,
+                         np.empty(flat.size, np.int64), np.empty((1, 2), np.int64))
         for r in (band, 10 * band):
-            b = kernels.Band(np.array([[0, flat.size]]), np.array([band_bounds(hint, r)], np.float32), mask,
-                             np.empty(flat.size, np.int64), np.empty((1, 2), np.int64))
+            b.bounds[0] = band_bounds(hint, r)
             kernels.sweep(flat, None, None, None, w, b, w_out)
             above, found = b.counts[0]
             if above < k <= above + found:
-                return np.uint32(kernels.settle(flat, k, above, b.index[:found], mask, w, w_out)).view(np.float32)
+                return _settle(kernels, flat, k, above, b.index[:found], mask, w, w_out)
     bits = flat.view(np.uint32) & kernels.MAGNITUDE
     t = np.partition(bits, bits.size - k)[bits.size - k]
     kernels.keep_top(flat, t, k - np.count_nonzero(bits > t), mask, w, w_out)
     return t.view(np.float32)
+
+
+def _settle(kernels, flat, k: int, above: int, index, mask, w, w_out):
+    """kernels.settle, returning the threshold as a float32 (the kernel gives its bits)."""
+    return np.uint32(kernels.settle(flat, k, above, index, mask, w, w_out)).view(np.float32)
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -367,9 +373,8 @@ class Network:
             for g, (lo, hi) in enumerate(self.groups):
                 hint, k, (above, found) = self.thresholds[g], self.kept[g], counts[g]
                 if hint and above < k <= above + found:  # update() swept the scores, and the band holds the k-th
-                    t = np.uint32(fused(xp).settle(self.s_flat[lo:hi], k, above, self.sweep.index[lo : lo + found],
-                                                   self.m_flat[lo:hi], self.w_flat[lo:hi], self.we_flat[lo:hi]))
-                    t = t.view(np.float32)
+                    t = _settle(fused(xp), self.s_flat[lo:hi], k, above, self.sweep.index[lo : lo + found],
+                                self.m_flat[lo:hi], self.w_flat[lo:hi], self.we_flat[lo:hi])
                 else:
                     keep = (self.w_flat[lo:hi], self.we_flat[lo:hi]) if with_w_eff else None
                     _, t = topk_mask(xp, self.s_flat[lo:hi], k, hint, self.m_flat[lo:hi], self.bands[g], keep)
