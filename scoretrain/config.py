@@ -114,17 +114,20 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string; also 'inf', '1e999'
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-            return float(value)
+            return float(number)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # stored in run.h5 and used by NumPy as int64
+                raise ConfigError(f"{key}: expected an integer that fits in 64 bits, got {value!r}")
             return value
     elif isinstance(value, tp):
         return value
@@ -171,13 +174,14 @@ def validate(cfg: Config) -> Config:
     _choice("model.arch", m.arch, ARCHS)
     _choice("model.k_scope", m.k_scope, K_SCOPES)
     _check(m.width > 0, "model.width", "a positive number", m.width)
-    _check(d.crop_padding >= 0, "data.crop_padding", "an integer >= 0", d.crop_padding)
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
     _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
     _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
     h, w, c, n_out = SHAPES[d.name]
+    # more padding than the image is wide would crop mostly padding (and pad every batch to a huge array)
+    _check(0 <= d.crop_padding <= min(h, w), "data.crop_padding", f"an integer in [0, {min(h, w)}] (at most the image size of {d.name})", d.crop_padding)
     n_in = h * w * c  # an MLP sees the image flattened
     _check(m.arch != "mlp" or m.widths[0] == n_in, "model.widths[0]", f"{n_in} (the inputs of {d.name})", m.widths[0])
     _check(m.arch != "mlp" or m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
@@ -205,6 +209,25 @@ def from_dict(raw: dict) -> Config:
 # --- YAML files and overrides ---------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping (PyYAML lets the last one win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load, strict about duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict:
     try:
         text = Path(path).read_text()
@@ -212,17 +235,23 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
+    return yaml_mapping(text, str(path))
+
+
+def yaml_mapping(text: str, where: str) -> dict:
+    """The mapping of sections in a YAML text; ConfigError (naming `where`) for anything else."""
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        kind = "" if problem.startswith("duplicate key") else "YAML syntax error: "
+        raise ConfigError(f"{at}: {kind}{problem}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
     return raw
 
 
@@ -235,9 +264,11 @@ def apply_override(raw: dict, override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override '{override}': expected a dotted key like train.lr")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"override '{override}': the value is not valid YAML") from None
+        value = parse_yaml(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or ""
+        what = problem if problem.startswith("duplicate key") else "the value is not valid YAML"
+        raise ConfigError(f"override '{override}': {what}") from None
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -256,6 +287,32 @@ def load(path: Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     except ConfigError as e:
         src = f"{path}: " if path is not None else ""
         raise ConfigError(f"{src}{e}") from None
+
+
+def from_text(text: str, where: str) -> Config:
+    """A Config from the YAML text of a resolved spec (the copy a run keeps in run.h5)."""
+    try:
+        return from_dict(yaml_mapping(text, where))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+
+
+def differences(a: Config, b: Config, sections=None) -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) for every key where two specs differ; `sections`
+    limits the comparison to those top-level keys."""
+    out = []
+
+    def walk(x, y, prefix):
+        for key in x:
+            if prefix == "" and sections is not None and key not in sections:
+                continue
+            if isinstance(x[key], dict):
+                walk(x[key], y[key], f"{prefix}{key}.")
+            elif x[key] != y[key]:
+                out.append((prefix + key, x[key], y[key]))
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out
 
 
 def dump(cfg: Config) -> str:
