@@ -1,3 +1,3 @@
 """scoretrain: find the subnetworks hidden in randomly weighted networks (edge-popup)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -51,6 +51,26 @@ def fused(xp, *arrays):
     return _kernels().cuda() if getattr(xp, "__name__", "") == "cupy" else None
 
 
+def load_kernels(xp) -> None:
+    """Import the fused loops now, before a run folder exists: numba's import can fail (a broken
+    install; a memory limit, ulimit -v, too low for its compiler's library), and the error
+    should be one line before anything is written, not a failed run."""
+    try:
+        fused(xp)
+    except (ImportError, OSError) as e:
+        limited = _address_limited()
+        hint = "raise the process's memory limit (ulimit -v)" if limited else "reinstall scoretrain's dependencies (numba, llvmlite)"
+        raise DeviceError(f"the CPU's compiled loops cannot be loaded (numba: {str(e).splitlines()[0][:160]}): {hint}") from None
+
+
+def _address_limited() -> bool:
+    try:
+        import resource
+    except ImportError:
+        return False
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
 @functools.cache  # called in the hot path: an import statement costs a microsecond or two
 def _kernels():
     """scoretrain.kernels, imported on first use: numba takes ~0.4 s to import."""

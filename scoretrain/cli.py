@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from rich.table import Table
 
 from . import config as config_mod
 from . import store, train
-from .backend import resolve
-from .errors import ConfigError, ScoretrainError
+from .backend import load_kernels, resolve
+from .errors import ConfigError, RunError, ScoretrainError
 from .progress import Reporter, summary
 
 app = typer.Typer(
@@ -27,9 +28,41 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the subnetworks hidden in randomly weighted networks (edge-popup), and train dense baselines.",
 )
+
+
+class Output(Console):
+    """stdout. A reader that goes away (`scoretrain fit ... | head -2`) is no error: from then on
+    the output is dropped and the command carries on (rich's default would exit with status 1,
+    in the middle of training)."""
+
+    closed = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = self.closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)  # also for the interpreter's last flush of sys.stdout
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+Console.on_broken_pipe = Output.on_broken_pipe  # the same for the consoles Typer makes (--help)
+
 # Off a terminal, rich would wrap at 80 columns: lines in logs stay whole instead.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+console = Output(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
+
+
+def say(line: str) -> None:
+    """One line on stderr, never wrapped, never parsed as markup."""
+    err_console.print(line, soft_wrap=True, markup=False)
+
+
+def emit(text: str) -> None:
+    """Plain text (JSON, CSV) on stdout, as Output does: a closed pipe drops the rest."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        console.on_broken_pipe()
 
 
 def user_errors(fn):
@@ -40,8 +73,11 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ScoretrainError as e:
-            err_console.print(f"error: {e}", soft_wrap=True, markup=False)
+            say(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
+        except MemoryError as e:  # an allocation that cannot succeed, outside a training run
+            say(f"error: out of memory ({str(e).splitlines()[0] if str(e) else 'an allocation failed'}): use a smaller network or batch")
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -63,19 +99,7 @@ def fit(
         run_dir = resume
         store.claim(run_dir)  # before reading the status: two resumes of one run cannot both pass the check
         try:
-            if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
-                cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-                backend = resolve(cfg.device)
-                dd = train.load_data(cfg, backend)
-                run = train.new_run(cfg, backend, dd)
-            else:
-                run = store.load(run_dir, with_optimizer=True)
-                cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-                train.check_resumable(run, run_dir)
-                backend = resolve(cfg.device)
-                dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-                run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="")
-            store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
+            cfg, backend, dd, run = _resumed(run_dir)
         except BaseException:
             store.release(run_dir)
             raise
@@ -83,16 +107,30 @@ def fit(
         if config is None:
             raise ConfigError("fit needs a config file (e.g. configs/mnist_fc.yaml) or --resume RUN_DIR")
         cfg = config_mod.load(config, overrides or [])
+        if name is not None:
+            store.check_name(name)
+        # Everything that can fail before training runs before the run folder exists, so that a
+        # run that never started leaves nothing behind.
         backend = resolve(cfg.device)
-        dd = train.load_data(cfg, backend)  # before the run folder exists: bad data leaves no empty run
+        dd = train.load_data(cfg, backend)
+        train.check_memory(cfg, backend, dd)
+        load_kernels(backend.xp)
+        run = train.new_run(cfg, backend, dd)
         stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
         run_dir = store.create_run_dir(runs_dir, name, stem)
         store.claim(run_dir)  # a --resume of it is refused while this process trains it
-        store.write_config(run_dir, config_mod.dump(cfg))
-        run = train.new_run(cfg, backend, dd)
+        try:
+            store.write_config(run_dir, config_mod.dump(cfg))
+            store.save(run_dir, run)
+        except BaseException as e:
+            store.remove_unstarted(run_dir)
+            store.release(run_dir)
+            if isinstance(e, OSError):
+                raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
+                               "nothing was kept (free some space, or choose another --runs-dir)") from None
+            raise
     reporter = Reporter(console, quiet)
     try:
-        store.save(run_dir, run)
         train.fit(cfg, run_dir, backend, run, dd, reporter)
     except train.Interrupted as e:
         reporter.close()
@@ -101,18 +139,74 @@ def fit(
         raise typer.Exit(128 + e.signum) from None
     except train.Diverged as e:
         reporter.close()
-        err_console.print(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept", soft_wrap=True, markup=False)
+        say(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept")
+        raise typer.Exit(1) from None
+    except train.CheckpointError as e:
+        reporter.close()
+        what = f"{e.stopped}, and run.h5 could not record it" if e.stopped else f"cannot write the checkpoint of epoch {run.epochs_done}"
+        say(f"error: {run_dir}: {what}: {e}; run.h5 keeps epoch {e.kept}: make room, then resume with: scoretrain fit --resume {run_dir}")
+        raise typer.Exit(1) from None
+    except Exception as e:  # out of memory, a fault: train.fit marked the run failed and kept its last epoch
+        reporter.close()
+        say(f"error: {run_dir}: {train.failure(e)} in epoch {run.epochs_saved + 1}; run marked failed, epoch {run.epochs_saved} kept")
         raise typer.Exit(1) from None
     finally:
         reporter.close()
         store.release(run_dir)
     summary(console, run_dir, run)
+    if console.closed:  # `fit ... | head`: the reader left, the run did not
+        say(f"stdout was closed; the run trained on to the end: {run_dir} is {run.attrs['status']} after {run.epochs_done} epochs")
+
+
+def _resumed(run_dir: Path):
+    """(cfg, backend, data, run) to go on with an interrupted run. The spec is the one run.h5
+    records; config.yaml may change the train keys and the device (e.g. more epochs), but not
+    the seed, data or model, which would silently make another experiment of the same run."""
+    store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
+    if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
+        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+        backend = resolve(cfg.device)
+        dd = train.load_data(cfg, backend)
+        train.check_memory(cfg, backend, dd)
+        load_kernels(backend.xp)
+        run = train.new_run(cfg, backend, dd)
+    else:
+        run, recorded = store.open_run(run_dir, with_optimizer=True)
+        cfg = recorded
+        if (run_dir / store.CONFIG_FILE).is_file():
+            cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+            changed = config_mod.differences(cfg, recorded, sections=("seed", "data", "model"))
+            if changed:
+                key, new, old = changed[0]
+                raise ConfigError(f"{run_dir / store.CONFIG_FILE}: {key} is {new!r}, but the run was trained with {old!r} "
+                                  "(as run.h5 records): the seed, data and model cannot change on resume; restore it, or start a new run")
+        train.check_resumable(run, run_dir)
+        backend = resolve(cfg.device)
+        dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+        train.check_memory(cfg, backend, dd)
+        load_kernels(backend.xp)
+        run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
+    try:
+        if not (run_dir / store.CONFIG_FILE).is_file():
+            store.write_config(run_dir, config_mod.dump(cfg))
+        store.save(run_dir, run)
+    except OSError as e:
+        raise RunError(f"{run_dir}: cannot write run.h5: {train.os_reason(e)}; the run is as it was (epoch {run.epochs_saved or 0})") from None
+    return cfg, backend, dd, run
+
+
+def warn_edited(run_dir: Path) -> None:
+    """One warning line where config.yaml no longer says what run.h5 records: the readers answer
+    from run.h5."""
+    run = store.load_summary(run_dir)
+    note = store.edited(run_dir, store.load_spec(run_dir, run))
+    if note:
+        say(f"warning: {Path(run_dir) / store.CONFIG_FILE} was edited ({note}); showing the run as run.h5 records it")
 
 
 def measure(run_dir: Path, device: Optional[str]) -> dict:
     """Re-measure a stored run on its test split with its stored masks."""
-    run = store.load(run_dir)
-    cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+    run, cfg = store.open_run(run_dir)
     backend = resolve(device or cfg.device)
     dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
     net = train.network(cfg, backend, run.weights, run.scores)
@@ -144,11 +238,25 @@ def bench(
     from . import bench as bench_mod  # only this command needs it
 
     cfg = config_mod.validate(config_mod.Config(device=device))
+    writable_file(json_path, "--json")  # before the benchmark, not after minutes of it
     backend = resolve(device)
     dd = train.load_data(cfg, backend)
     results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
-    json_path.write_text(json.dumps(results, indent=1))
+    try:
+        store.write_atomic(json_path, lambda p: p.write_text(json.dumps(results, indent=1)))
+    except OSError as e:
+        raise ScoretrainError(f"{json_path}: cannot write the figures ({train.os_reason(e)}); they are printed above") from None
     console.print(f"figures written to {json_path}")
+
+
+def writable_file(path: Path, option: str) -> None:
+    """A ConfigError unless `path` names a file that can be created or replaced."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name, e.g. {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: no such folder {path.parent}")
+    if not os.access(path.parent, os.W_OK):  # also false on a read-only file system, for root too
+        raise ConfigError(f"{option} {path}: cannot write into {path.parent}")
 
 
 @app.command("eval")
@@ -162,8 +270,9 @@ def eval_(
     if device is not None:
         config_mod.validate(config_mod.Config(device=device))
     result = measure(run_dir, device)
+    warn_edited(run_dir)
     if as_json:
-        print(json.dumps(result))
+        emit(json.dumps(result) + "\n")
         return
     table = Table(title=f"eval {run_dir}", title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -204,13 +313,16 @@ def compare(
 
         plot_mod.check(plot)  # likewise a bad file name, or no matplotlib
     rows = compare_mod.sort_rows(compare_mod.collect(paths), sort)
+    for row in rows:
+        if row["edited"]:
+            say(f"warning: {Path(row['path']) / store.CONFIG_FILE} was edited ({row['edited']}); showing the run as run.h5 records it")
     if as_json or as_csv:
-        print(compare_mod.to_json(rows) if as_json else compare_mod.to_csv(rows), end="\n" if as_json else "")
+        emit(compare_mod.to_json(rows) + "\n" if as_json else compare_mod.to_csv(rows))
     else:
         compare_mod.print_table(console, rows)
         for row in rows:
             if row["error"]:
-                err_console.print(f"unreadable: {row['error']}", soft_wrap=True, markup=False)
+                say(f"unreadable: {row['error']}")
     if plot is not None:
         plot_mod.plot(rows, plot)
         err_console.print(f"plot written to {plot}", soft_wrap=True, markup=False)  # stderr: --json/--csv stay clean
@@ -226,8 +338,9 @@ def inspect_(
     from . import inspect_run
 
     report = inspect_run.inspect(run_dir)
+    warn_edited(run_dir)
     if as_json:
-        print(json.dumps(report))
+        emit(json.dumps(report) + "\n")
         return
     inspect_run.print_report(console, report)
 
@@ -236,13 +349,14 @@ def inspect_(
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="The .npz file to write.", show_default=False, metavar="FILE.npz"),
+    to: Path = typer.Option(..., "--to", help="The file to write: FILE.safetensors (safetensors), any other name a NumPy .npz.", show_default=False, metavar="FILE"),
     force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
 ) -> None:
-    """Write the subnetwork as plain masked weight arrays + architecture in one .npz (docs/run-format.md)."""
+    """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file (docs/run-format.md)."""
     from . import export as export_mod
 
     out = export_mod.export(run_dir, to, force)
+    warn_edited(run_dir)
     n = sum(int((a != 0).sum()) for key, a in out.items() if key.startswith("weight_"))
     console.print(f"{to}: {sum(k.startswith('weight_') for k in out)} weight layers, {n:,} nonzero weights", soft_wrap=True, markup=False)
 
@@ -278,7 +392,14 @@ def data_list() -> None:
 app.add_typer(data_app, name="data")
 
 
+def _terminate(signum, frame):
+    """SIGTERM, outside fit's training loop (which stops between batches): unwind like Ctrl-C, so
+    that the temporary files of a write in progress (export, a download) are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as e:  # a usage error (unknown option, missing argument): one line too

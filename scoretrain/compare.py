@@ -27,7 +27,7 @@ from . import store
 from .errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
-          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "error")
+          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "edited", "error")
 
 # --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
 # Rows without the value (k of a dense run; accuracies before epoch 1) go last, unreadable runs after them.
@@ -60,17 +60,15 @@ def run_dirs(path: Path) -> tuple[list[Path], bool]:
 
 def read_row(run_dir: Path) -> dict:
     run = store.load_summary(run_dir)
-    try:
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-    except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
-        raise RunError(str(e)) from None
+    cfg = store.load_spec(run_dir, run)
     m, model = run.metrics, cfg.model
     row = dict.fromkeys(FIELDS)
     mlp, has_k = model.arch == "mlp", model.method in config_mod.K_METHODS  # dense and supermask have no k
     row.update(name=run_dir.name, path=str(run_dir), method=model.method,
                widths=list(model.widths) if mlp else None, arch=model.arch, width=None if mlp else model.width,
                k=model.k if has_k else None, k_scope=model.k_scope if has_k else None,
-               init=model.init, scale_fan=model.scale_fan, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run))
+               init=model.init, scale_fan=model.scale_fan, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run),
+               edited=store.edited(run_dir, cfg))
     if m["epoch"]:
         best = max(range(len(m["test_acc"])), key=m["test_acc"].__getitem__)  # the first epoch on ties
         row.update(best_test_acc=m["test_acc"][best], best_epoch=m["epoch"][best], final_test_acc=m["test_acc"][-1],
@@ -160,7 +158,12 @@ def print_table(console: Console, rows: list[dict]) -> None:
 
 
 def print_wide(console: Console, t: Table) -> None:
-    if not console.is_terminal:  # a pipe or a file has no width: print the table whole, not squeezed into 80 columns
-        width = Measurement.get(console, console.options.update_width(10_000), t).maximum
-        console = Console(file=console.file, width=width, highlight=False)
-    console.print(t)
+    if console.is_terminal:
+        console.print(t)
+        return
+    # a pipe or a file has no width: print the table whole, not squeezed into 80 columns
+    width, console.width = console.width, Measurement.get(console, console.options.update_width(10_000), t).maximum
+    try:
+        console.print(t)
+    finally:
+        console.width = width

@@ -232,14 +232,19 @@ def mirrors(spec: DatasetSpec) -> list[str]:
     return [b.replace("{name}", spec.name).rstrip("/") + "/" for b in bases]
 
 
-def http_get(url: str, dest: Path) -> None:
-    """Stream url into dest; raises on a connection or HTTP error and on a short body."""
+def http_get(url: str, dest: Path, bar=None) -> None:
+    """Stream url into dest; raises on a connection or HTTP error and on a short body. `bar`
+    (progress.DownloadBar) shows the bytes as they come."""
     request = urllib.request.Request(url, headers={"User-Agent": f"scoretrain/{__version__} (+urllib)"})
     with urllib.request.urlopen(request, timeout=TIMEOUT) as response, open(dest, "wb") as f:
-        size = 0
+        size, promised = 0, response.headers.get("Content-Length")
+        if bar is not None:
+            bar.start(url.rsplit("/", 1)[-1], int(promised) if promised else None)
         while chunk := response.read(1 << 20):
             f.write(chunk)
             size += len(chunk)
+            if bar is not None:
+                bar.advance(len(chunk))
     # a server that closes early can end the stream without an error: compare with what it promised
     expected = response.headers.get("Content-Length")
     if expected is not None and int(expected) != size:
@@ -261,6 +266,8 @@ def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tu
     """Fetch `filename`.gz from the first mirror that serves a verified copy; returns (path, URL).
     Each attempt goes to a temporary file in `folder` that is renamed into place only once it
     verifies, so no reader (nor a parallel run downloading the same file) ever sees a partial file."""
+    from .progress import DownloadBar  # not at the top: progress -> config -> data
+
     dest = folder / (filename + ".gz")
     tried = []
     for base in mirrors(spec):
@@ -270,15 +277,18 @@ def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tu
             os.close(fd)
         except OSError as e:
             raise DataError(f"dataset {spec.name}: cannot write to {folder} ({e})") from None
+        bar = DownloadBar()
         try:
             print(f"downloading {url}", file=sys.stderr, flush=True)
-            http_get(url, Path(tmp))
+            http_get(url, Path(tmp), bar)
+            bar.stop()
             check(Path(tmp).read_bytes(), True, sums)
             os.replace(tmp, dest)
             return dest, url
         except (OSError, ValueError, http.client.HTTPException, DataError) as e:
             tried.append(f"{url}: {failure(e)}")  # OSError covers URLError, HTTPError and timeouts
         finally:
+            bar.stop()
             Path(tmp).unlink(missing_ok=True)
     raise DataError(f"dataset {spec.name}: could not download {filename}.gz from any mirror ({'; '.join(tried)})")
 

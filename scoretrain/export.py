@@ -1,4 +1,6 @@
-"""`scoretrain export`: a run's subnetwork as plain arrays in one .npz, usable without scoretrain.
+"""`scoretrain export`: a run's subnetwork as plain arrays in one file, usable without scoretrain:
+a NumPy .npz, or a .safetensors file (the framework-neutral weights format that PyTorch, JAX and
+NumPy load, through the `safetensors` package).
 
 The file holds the effective weights exactly as the stored network computes with them (for
 edge-popup W * mask, for biprop alpha * sign(W) * mask, for supermask W * mask, for dense the
@@ -13,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as config_mod
 from . import data, store, train
 from .backend import Backend
 from .config import K_METHODS
-from .errors import ConfigError, RunError, ScoretrainError
+from .errors import ScoretrainError
 from .model import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 
 FORMAT = "scoretrain-subnetwork"
@@ -48,11 +49,7 @@ def architecture(net) -> list[dict]:
 def arrays(run_dir: Path) -> dict[str, np.ndarray]:
     """What the .npz holds, from a run directory (RunError if it is not a readable run)."""
     run_dir = Path(run_dir)
-    run = store.load(run_dir)
-    try:
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-    except ConfigError as e:  # a broken run, not a bad command line
-        raise RunError(str(e)) from None
+    run, cfg = store.open_run(run_dir)
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
     net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores)
     w_eff = net.effective_weights(train=False)  # dense: the weights; else masks from the scores
@@ -76,9 +73,19 @@ def arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The .npz's arrays as safetensors tensors, and its strings and shapes as the file's
+    metadata (which holds strings only)."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in out.items() if k.startswith("weight_") or k.startswith("input_")}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "architecture": str(out["architecture"]),
+            "info": str(out["info"]), "image_shape": json.dumps(out["image_shape"].tolist()), "n_classes": str(int(out["n_classes"]))}
+    return tensors, meta
+
+
 def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarray]:
-    """Write the .npz atomically (a temporary file renamed over `dest`): a reader never sees half
-    a file. An existing `dest` is refused unless `force`."""
+    """Write the file atomically (a temporary file renamed over `dest`): a reader never sees half
+    a file. FILE.safetensors is a safetensors file, any other name an .npz. An existing `dest` is
+    refused unless `force`."""
     dest = Path(dest)
     if dest.is_dir():
         raise ScoretrainError(f"{dest}: is a folder; --to takes a file name, e.g. {dest / 'subnet.npz'}")
@@ -89,11 +96,17 @@ def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarr
     out = arrays(run_dir)
 
     def write(tmp: Path) -> None:
+        if dest.suffix == ".safetensors":
+            from safetensors.numpy import save
+
+            tensors, metadata = safetensors_parts(out)
+            tmp.write_bytes(save(tensors, metadata=metadata))  # written here: a full disk is an OSError
+            return
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
             np.savez_compressed(fh, **out)  # masked weights are mostly zeros
 
     try:
         store.write_atomic(dest, write)
     except OSError as e:
-        raise ScoretrainError(f"{dest}: cannot write ({e.strerror or e})") from None
+        raise ScoretrainError(f"{dest}: cannot write ({train.os_reason(e)})") from None
     return out

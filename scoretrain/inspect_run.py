@@ -17,11 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import config as config_mod
 from . import store
 from .compare import net_name, print_wide
 from .config import K_METHODS
-from .errors import ConfigError, RunError
 
 
 def _stats(a: np.ndarray) -> dict | None:
@@ -43,11 +41,7 @@ def _movement(per_epoch: list[float]) -> dict | None:
 def inspect(run_dir: Path) -> dict:
     """Everything `inspect` shows, as plain JSON-ready values. RunError for an unreadable run."""
     run_dir = Path(run_dir)
-    run = store.load(run_dir)
-    try:
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-    except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
-        raise RunError(str(e)) from None
+    run, cfg = store.open_run(run_dir)
     model = cfg.model
     masked = run.scores is not None and run.masks is not None  # no masks: stopped before epoch 1 ended
     layers = []

@@ -107,6 +107,11 @@ class Linear:
     def __init__(self, xp, n_in: int, n_out: int):
         self.xp, self.shape, self.fan_in = xp, (n_out, n_in), n_in
 
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        """The output's per-sample shape for an input's, and how many more values per sample the
+        layer keeps for its backward pass (the im2col patches of a conv)."""
+        return (self.shape[0],), 0
+
     def forward(self, x, w):
         return x @ w.T, x
 
@@ -123,6 +128,10 @@ class Conv2d:
     def __init__(self, xp, c_in: int, c_out: int, k: int):
         self.xp, self.shape, self.fan_in = xp, (c_out, k, k, c_in), c_in * k * k
         self.k, self.pad = k, k // 2
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        h, w, c = shape
+        return (h, w, self.shape[0]), h * w * self.k * self.k * c
 
     def forward(self, x, w):
         xp, k, p = self.xp, self.k, self.pad
@@ -155,6 +164,9 @@ class ReLU:
     def __init__(self, xp):
         self.xp = xp
 
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return shape, 0
+
     def forward(self, x):
         y = self.xp.maximum(x, 0, out=x)  # in place: x is always the previous layer's own output
         return y, y
@@ -168,6 +180,10 @@ class MaxPool2d:
 
     def __init__(self, xp):
         self.xp = xp
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        h, w, c = shape
+        return (h // 2, w // 2, c), 0
 
     @staticmethod
     def _corners(x):
@@ -194,6 +210,9 @@ class MaxPool2d:
 
 
 class Flatten:
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return (math.prod(shape),), 0
+
     def forward(self, x):
         return x.reshape(len(x), -1), x.shape
 

@@ -21,7 +21,10 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .errors import RunError
+from . import config as config_mod
+from .data import SHAPES
+from .errors import ConfigError, RunError
+from .model import build_layers
 
 try:
     import fcntl
@@ -33,7 +36,8 @@ FORMAT_VERSION = 1
 RUN_FILE = "run.h5"
 CONFIG_FILE = "config.yaml"
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "mask_change")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")  # fullmatch: `$` would let a final newline through
+NAME_MAX = 255  # bytes in a file name, on the usual file systems
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Run:
     metrics: dict[str, list] = field(default_factory=lambda: {m: [] for m in METRICS})
     optimizer: dict | None = None  # {"name", "steps", "slots": {slot: [arrays]}}
     mask_change_layers: list[list[float]] = field(default_factory=list)  # per epoch, per layer
+    epochs_saved: int | None = None  # epochs in the run.h5 on disk, as last written or read (None: no file yet)
 
     @property
     def epochs_done(self) -> int:
@@ -66,28 +71,43 @@ def create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
     runs_dir = Path(runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise RunError(f"{runs_dir}: --runs-dir must be a folder, but this is a file")
+    if name is not None:
+        check_name(name)
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunError(f"{runs_dir}: cannot create the runs folder ({e.strerror})") from None
-    if name is not None:
-        if not NAME_RE.match(name):
-            raise RunError(f"--name {name!r}: use letters, digits and . _ = + - (no slashes or spaces)")
-        path = runs_dir / name
-        try:
-            path.mkdir()
-        except FileExistsError:
-            raise RunError(f"{path}: a run with this name already exists (choose another --name, or --resume it)") from None
-        return path
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for _ in range(100):
-        path = runs_dir / f"{stem}-{stamp}-{secrets.token_hex(3)}"
+        raise RunError(f"{runs_dir}: cannot create the runs folder ({e.strerror or e}); choose another --runs-dir") from None
+    names = [name] if name is not None else (f"{stem}-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}" for _ in range(100))
+    for candidate in names:
+        path = runs_dir / candidate
         try:
             path.mkdir()
             return path
         except FileExistsError:
-            continue
+            if name is not None:
+                raise RunError(f"{path}: a run with this name already exists (choose another --name, or --resume it)") from None
+        except OSError as e:  # read-only, no permission, full, a name too long for this file system
+            raise RunError(f"{path}: cannot create the run folder ({e.strerror or e}); choose another --runs-dir") from None
     raise RunError(f"{runs_dir}: could not find a free run name")
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise RunError(f"--name {name!r}: use letters, digits and . _ = + - (no slashes, spaces or newlines)")
+    if len(name.encode()) > NAME_MAX:
+        raise RunError(f"--name: {len(name.encode())} characters is too long for a folder name (at most {NAME_MAX})")
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Delete a run folder that this process created but could not write its first checkpoint
+    into: nothing of the run exists yet, and a folder holding only config.yaml would look like a
+    run killed before its first checkpoint. Only the files `fit` writes are removed."""
+    for name in (CONFIG_FILE, RUN_FILE):  # (write_atomic removes its own temporary files)
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    try:
+        Path(run_dir).rmdir()
+    except OSError:  # something else is in it, or the file system refuses: leave it
+        pass
 
 
 def write_atomic(path: Path, write) -> None:
@@ -110,8 +130,10 @@ def write_config(run_dir: Path, text: str) -> None:
     write_atomic(run_dir / CONFIG_FILE, lambda p: p.write_text(text))
 
 
-def base_attrs(seed: int, backend: str, device: str, mean: float, std: float) -> dict:
+def base_attrs(seed: int, backend: str, device: str, mean: float, std: float, spec: str) -> dict:
+    """A new run's root attributes; `spec` is the resolved spec as YAML (config.dump)."""
     return {
+        "spec": spec,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "status": "running",
@@ -134,6 +156,7 @@ def base_attrs(seed: int, backend: str, device: str, mean: float, std: float) ->
 def save(run_dir: Path, run: Run) -> None:
     run.attrs["updated"] = now()
     write_atomic(Path(run_dir) / RUN_FILE, lambda p: _write_h5(p, run))
+    run.epochs_saved = run.epochs_done
 
 
 def _write_h5(path: Path, run: Run) -> None:
@@ -220,11 +243,76 @@ def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
         mask_change_layers=np.stack([g["mask_change"][()] for g in layers], axis=1).tolist()
         if layers and all("mask_change" in g for g in layers) else [],
     )
+    run.epochs_saved = run.epochs_done
     if with_optimizer and "optimizer" in f:
         o = f["optimizer"]
         slots = {slot: [o[slot][i][()] for i in sorted(o[slot])] for slot in o}
         run.optimizer = {"name": o.attrs["name"], "steps": int(o.attrs["steps"]), "slots": slots}
     return run
+
+
+def load_spec(run_dir: Path, run: Run) -> config_mod.Config:
+    """The resolved spec the run was trained with: the copy in run.h5 (attribute `spec`), which
+    config.yaml mirrors for people to read. Runs written before run.h5 carried it read
+    config.yaml. A RunError (exit 1) where neither can be read."""
+    run_dir = Path(run_dir)
+    try:
+        if run.attrs.get("spec"):
+            return config_mod.from_text(run.attrs["spec"], f"{run_dir / RUN_FILE} (its spec)")
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise RunError(f"{run_dir}: no {CONFIG_FILE}, and its {RUN_FILE} (written by scoretrain "
+                           f"{run.attrs.get('scoretrain_version', '?')}) keeps no copy of the spec: restore {CONFIG_FILE}")
+        return config_mod.load(run_dir / CONFIG_FILE)
+    except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
+        raise RunError(str(e)) from None
+
+
+def open_run(run_dir: Path, with_optimizer: bool = False) -> tuple[Run, config_mod.Config]:
+    """A run and the spec it was trained with, for the commands that read runs: one-line
+    RunErrors for anything unreadable or for a spec that does not describe the arrays."""
+    run = load(run_dir, with_optimizer)
+    cfg = load_spec(run_dir, run)
+    check_matches(run_dir, cfg, run)
+    return run, cfg
+
+
+def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
+    """A RunError unless the spec describes the run's arrays: the layer shapes, whether scores
+    are learned, and k. (A run's own spec always does; a config.yaml edited beside an older
+    run.h5, which keeps no spec, may not.)"""
+    h, w, c, classes = SHAPES[cfg.data.name]
+    shapes = [l.shape for l in build_layers(np, cfg.model, (h, w, c), classes) if hasattr(l, "shape")]
+    found = [tuple(a.shape) for a in run.weights]
+    problem = None
+    if shapes != found:
+        problem = f"its layers are {_shapes(shapes)}, run.h5 holds {_shapes(found)}"
+    elif (run.scores is None) != (cfg.model.method == "dense"):
+        problem = f"model.method is {cfg.model.method}, but run.h5 {'holds' if run.scores is not None else 'has no'} scores"
+    elif run.scores is not None and run.k != cfg.model.k:
+        problem = f"model.k is {cfg.model.k:g}, run.h5's masks keep {run.k:g}"
+    if problem:
+        raise RunError(f"{run_dir}: the spec does not describe run.h5 ({problem}): restore the config.yaml it was trained with")
+
+
+def _shapes(shapes: list) -> str:
+    return ", ".join("x".join(map(str, s)) for s in shapes)
+
+
+def edited(run_dir: Path, cfg: config_mod.Config, sections=None) -> str | None:
+    """Where config.yaml no longer says what run.h5 records (someone edited it), as
+    'model.k is 0.2, the run's is 0.5'; None where they agree, or there is no config.yaml."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        on_disk = config_mod.load(path)
+    except ConfigError as e:
+        return f"it cannot be read ({e})"
+    changed = config_mod.differences(on_disk, cfg, sections)
+    if not changed:
+        return None
+    said = [f"{key} is {new!r}, the run's is {old!r}" for key, new, old in changed[:3]]
+    return "; ".join(said) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
 
 
 def live_status(run: Run) -> str:

@@ -8,18 +8,25 @@ running loss for the progress display (at most a few times a second).
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import signal
 import time
+
+try:
+    import resource
+except ImportError:  # not POSIX: no address-space limit to read
+    resource = None
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import data, optim, store
 from .backend import Backend, fused
-from .config import Config
-from .errors import RunError
-from .model import Network, cross_entropy, init_network
+from .config import Config, dump
+from .errors import ConfigError, RunError
+from .model import Network, build_layers, cross_entropy, init_network
 
 
 @dataclass
@@ -51,6 +58,70 @@ def network(cfg: Config, backend: Backend, weights: list, scores: list | None) -
     """The network of `cfg` for its dataset's image shape, its tensors copied onto the device."""
     h, w, c, classes = data.SHAPES[cfg.data.name]
     return Network(backend.xp, cfg.model, weights, scores, (h, w, c), classes)
+
+
+def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int]:
+    """(weights, bytes for the tensors that grow with the network, bytes for the activations of
+    the largest batch) of training `cfg` on n_train images and measuring n_test: what it holds at
+    once at the least, computed from the layer shapes alone, before anything is allocated."""
+    h, w, c, classes = data.SHAPES[cfg.data.name]
+    layers = build_layers(np, cfg.model, (h, w, c), classes)
+    n_weights = sum(math.prod(l.shape) for l in layers if hasattr(l, "shape"))
+    shape, per_sample = (h, w, c), math.prod((h, w, c))
+    for layer in layers:  # every layer's output (and a conv's patches) lives until the backward pass
+        shape, extra = layer.output_shape(shape)
+        per_sample += math.prod(shape) + extra
+    slots = 2 if cfg.train.optimizer == "adam" else 1
+    # float32 weights, gradient, optimizer slots and their scratch, the run's host copy; the score
+    # methods add scores, mask (bool), W_eff, scratch and host copies of scores and mask
+    per_weight = 4 * (3 + slots) + (0 if cfg.model.method == "dense" else 4 * 4 + 1 + 1)
+    t = cfg.train
+    batch, eval_batch = min(t.batch_size, n_train), min(t.eval_batch_size, n_test)
+    activations = 4 * per_sample * max(2 * batch, eval_batch)  # training keeps gradients too
+    return n_weights, per_weight * n_weights, activations
+
+
+def available_memory() -> tuple[int, str] | None:
+    """(bytes, whose) this process can still allocate on the host: the kernel's MemAvailable, or
+    less under an address-space limit (ulimit -v); None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [(int(line.split()[1]) * 1024, "this machine has") for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if resource else None
+    if limit is not None and limit != resource.RLIM_INFINITY:
+        used = 0
+        try:
+            with open("/proc/self/status") as f:
+                used = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+        except OSError:
+            pass
+        found.append((limit - used, "the process's memory limit (ulimit -v) leaves"))
+    return min(found) if found else None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
+
+
+def check_memory(cfg: Config, backend: Backend, dd: DeviceData) -> None:
+    """A ConfigError (one line, exit 2) for a spec that cannot fit in memory, before any of it is
+    allocated: an impossible allocation would otherwise fail deep inside NumPy, or be killed by
+    the kernel. Only what certainly coexists is counted, so no spec that fits is refused."""
+    n_weights, tensors, activations = memory_needed(cfg, len(dd.y_train), len(dd.y_test))
+    free = (backend.xp.cuda.Device().mem_info[0], f"{backend.device} has") if backend.is_gpu else available_memory()
+    if free is None or tensors + activations <= free[0]:
+        return
+    free, where = free
+    if tensors >= activations:
+        key = "model.widths" if cfg.model.arch == "mlp" else "model.width"
+        what = f"the network has {n_weights:,} weights and needs at least {gib(tensors + activations)} to train"
+    else:
+        key = "train.batch_size or train.eval_batch_size"
+        what = f"its batches need at least {gib(activations)} for their activations"
+    raise ConfigError(f"model: {what}, but {where} {gib(free)} available: use a smaller {key}")
 
 
 def initial_tensors(cfg: Config):
@@ -114,39 +185,86 @@ class Diverged(Exception):
     pass
 
 
+class CheckpointError(Exception):
+    """run.h5 could not be written (a full disk, a read-only or vanished folder, no memory left
+    to write it with). The file on disk is still the last complete checkpoint, of `kept` epochs."""
+
+    def __init__(self, error: OSError | MemoryError, kept: int):
+        super().__init__(failure(error))
+        self.kept = kept
+        self.stopped = None  # what stopped the run, where the checkpoint recording it failed
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError as a few words: 'the disk is full' rather than h5py's chain of HDF5 messages."""
+    said = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only", errno.EDQUOT: "the disk quota is exceeded"}
+    if e.errno in said:
+        return f"{said[e.errno]} ({os.strerror(e.errno)})"
+    return os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def checkpoint(run_dir, run: store.Run) -> None:
+    """store.save, with a CheckpointError for a file that cannot be written."""
+    try:
+        store.save(run_dir, run)
+    except (OSError, MemoryError) as e:
+        raise CheckpointError(e, run.epochs_saved) from None
+
+
 def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter) -> store.Run:
     """Train from the state in `run` (fresh or resumed) to cfg.train.epochs, checkpointing `run`
     after every epoch. On a signal, divergence or error the last finished epoch is saved with
     status "interrupted" or "failed" and the exception is re-raised."""
-    xp, t = backend.xp, cfg.train
-    # The network holds copies: training updates its arrays in place, and the checkpoint saved
-    # on an interrupt must still hold the last finished epoch (run.*).
-    net = network(cfg, backend, run.weights, run.scores)
-    opt = optim.make(xp, net.params, t)
-    if run.optimizer is not None:  # resuming
-        opt.steps = run.optimizer["steps"]
-        for slot, arrays in run.optimizer["slots"].items():
-            for buf, a in zip(opt.state[slot], arrays):
-                buf[...] = backend.asarray(a)
-    fused(xp)  # the fused loops' import (numba's takes ~0.4 s) before the first epoch's clock starts
-    reporter.start(run_dir, cfg, backend, run.epochs_done)
     # The handlers stay installed while the final checkpoint is written, so a second Ctrl-C
     # cannot cut it short; numpy's overflow warnings are silenced because divergence is
     # detected (and reported in one line) at the end of the epoch.
     with StopOnSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         try:
+            net, opt = _network_and_optimizer(cfg, backend, run)
+            fused(backend.xp)  # the fused loops' import (numba's takes ~0.4 s) before the first epoch's clock starts
+            reporter.start(run_dir, cfg, backend, run.epochs_done)
             _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop)
+        except CheckpointError:
+            raise  # nothing more can be written; run.h5 keeps the last complete checkpoint
         except BaseException as e:  # keep the last finished epoch, and say why the run stopped
             if isinstance(e, Interrupted):
                 status, message = "interrupted", f"stopped by {signal.Signals(e.signum).name}"
             elif isinstance(e, Diverged):
                 status, message = "failed", str(e)
             else:
-                status, message = "failed", f"{e.__class__.__name__}: {e}"
+                status, message = "failed", failure(e)
             run.attrs["status"], run.attrs["message"] = status, message
-            store.save(run_dir, run)
+            try:
+                checkpoint(run_dir, run)
+            except CheckpointError as c:
+                c.stopped = message
+                raise c from None
             raise
     return run
+
+
+def failure(e: BaseException) -> str:
+    """What stopped a run, in one line, for run.h5's `message` and the command line."""
+    if isinstance(e, MemoryError):
+        return f"out of memory ({str(e).splitlines()[0] if str(e) else 'an allocation failed'})"
+    if isinstance(e, OSError):
+        return os_reason(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+
+
+def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):
+    """The network and optimizer on the device, from the run's state (fresh or resumed). The
+    network holds copies: training updates its arrays in place, and the checkpoint saved on an
+    interrupt must still hold the last finished epoch (run.*)."""
+    net = network(cfg, backend, run.weights, run.scores)
+    opt = optim.make(backend.xp, net.params, cfg.train)
+    if run.optimizer is not None:  # resuming
+        opt.steps = run.optimizer["steps"]
+        for slot, arrays in run.optimizer["slots"].items():
+            for buf, a in zip(opt.state[slot], arrays):
+                buf[...] = backend.asarray(a)
+    return net, opt
 
 
 def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop) -> None:
@@ -207,15 +325,16 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
                          "slots": {s: host(v) for s, v in opt.state.items()}}
         if run.epochs_done == t.epochs:
             run.attrs["status"] = "completed"
-        store.save(run_dir, run)
+        checkpoint(run_dir, run)
         reporter.epoch_end(row)
 
 
 def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
     """A fresh run: the seed's weights (and scores), no epochs yet."""
     weights, scores = initial_tensors(cfg)
-    attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std)
+    attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std, dump(cfg))
     return store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
+
 
 
 def check_resumable(run: store.Run, run_dir) -> None:

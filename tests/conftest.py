@@ -2,12 +2,22 @@
 sweep of small runs trained once, and a local HTTP server that stands in for a dataset's
 download mirrors."""
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from scoretrain import store
+from scoretrain.cli import app
 
 # A few hundred real MNIST images: enough for the training loop to learn something.
 SMALL = ["data.train_samples=2000", "data.test_samples=500", "train.epochs=2", "model.widths=[784,64,10]",
@@ -22,13 +32,14 @@ def small():
 class MirrorHandler(BaseHTTPRequestHandler):
     """The first path segment picks the behaviour: /good/NAME, /corrupt/NAME (the byte
     `server.corrupt_at` from the end flipped), /truncated/NAME (half the promised body, then the
-    connection closes); anything else, or a name not in `server.files`, is a 404."""
+    connection closes), /stall/NAME (half the body, then nothing until `server.release` is set);
+    anything else, or a name not in `server.files`, is a 404."""
 
     def do_GET(self):
         self.server.hits.append(self.path)
         mode, _, name = self.path.strip("/").partition("/")
         body = self.server.files.get(name)
-        if body is None or mode not in ("good", "corrupt", "truncated"):
+        if body is None or mode not in ("good", "corrupt", "truncated", "stall"):
             self.send_error(404)
             return
         if mode == "corrupt":
@@ -37,7 +48,10 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if mode == "truncated" else body)
+        self.wfile.write(body[: len(body) // 2] if mode in ("truncated", "stall") else body)
+        if mode == "stall":
+            self.wfile.flush()
+            self.server.release.wait(60)
 
     def log_message(self, *args):
         pass
@@ -49,12 +63,13 @@ def mirror_server():
     (name -> bytes); `.corrupt_at` (20) is which byte from the end /corrupt/ flips; `.hits` lists
     the paths asked for; `.url(mode)` is a mirror URL; `.stop()` takes it offline."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), MirrorHandler)
-    srv.files, srv.hits, srv.corrupt_at = {}, [], 20
+    srv.files, srv.hits, srv.corrupt_at, srv.release = {}, [], 20, threading.Event()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     srv.url = lambda mode: f"http://127.0.0.1:{srv.server_address[1]}/{mode}/"
     srv.stop = lambda: (srv.shutdown(), srv.server_close())
     yield srv
+    srv.release.set()
     if thread.is_alive():
         srv.stop()
 
@@ -84,3 +99,135 @@ def sweep(small, tmp_path_factory, tmp_path):
         return tmp_path / "runs"
 
     return make
+
+
+# --- real `fit` processes, stopped at exact points ---------------------------------------------
+
+EPOCHS = 4
+VARIANTS = {
+    "sgd": [],
+    "adam": ["train.optimizer=adam", "train.lr=0.01"],
+    "dense": ["model.method=dense"],
+}
+TIMEOUT = 60  # seconds for any one wait; a hang fails the test instead of blocking the suite
+runner = CliRunner()
+
+# Runs the real CLI in this process, pausing as $ST_PAUSE says ("epoch N": after epoch N's
+# checkpoint; "batch N B": in epoch N, after batch B) until the file $ST_HOOK/go exists.
+HOOK = r"""
+import os, sys, time
+from pathlib import Path
+from scoretrain import progress
+from scoretrain.cli import main
+
+hook, at = Path(os.environ["ST_HOOK"]), os.environ["ST_PAUSE"].split()
+R = progress.Reporter
+start, batch, end = R.epoch_start, R.batch, R.epoch_end
+now = {"epoch": 0}
+
+def pause():
+    (hook / "paused").touch()
+    while not (hook / "go").exists():
+        time.sleep(0.005)
+
+def epoch_start(self, epoch, *a, **k):
+    now["epoch"] = epoch
+    return start(self, epoch, *a, **k)
+
+def on_batch(self, done, *a, **k):
+    batch(self, done, *a, **k)
+    if at[0] == "batch" and now["epoch"] == int(at[1]) and done == int(at[2]):
+        pause()
+
+def epoch_end(self, row, *a, **k):
+    end(self, row, *a, **k)
+    if at[0] == "epoch" and row["epoch"] == int(at[1]):
+        pause()
+
+R.epoch_start, R.batch, R.epoch_end = epoch_start, on_batch, epoch_end
+sys.argv = ["scoretrain", *sys.argv[1:]]
+main()
+"""
+
+
+def args_of(small, variant, *extra):
+    return [*small, f"train.epochs={EPOCHS}", *VARIANTS[variant], *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of each variant, made once (in this process) and shared."""
+    folder = tmp_path_factory.mktemp("reference")
+    made = {}
+
+    def get(variant, *extra):
+        if (variant, extra) not in made:
+            name = f"{variant}-{len(made)}"
+            result = runner.invoke(app, ["fit", FC, *args_of(SMALL, variant, *extra), "--runs-dir", str(folder), "--name", name, "-q"])
+            assert result.exit_code == 0, result.output
+            made[variant, extra] = folder / name
+        return made[variant, extra]
+
+    return get
+
+
+def assert_identical(run_dir, ref_dir):
+    """Bit-identical network, masks, optimizer state and metrics (all but epoch_seconds)."""
+    a, b = store.load(run_dir, with_optimizer=True), store.load(ref_dir, with_optimizer=True)
+    assert a.attrs["status"] == b.attrs["status"] == "completed"
+    assert a.metrics["epoch"] == list(range(1, EPOCHS + 1)), "one metrics row per epoch, no duplicate, no gap"
+    for key in store.METRICS:
+        assert len(a.metrics[key]) == EPOCHS
+        if key != "epoch_seconds":
+            np.testing.assert_array_equal(a.metrics[key], b.metrics[key], err_msg=key)  # nan == nan here (mask_change of dense)
+    for name in ("weights", "scores", "masks"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        for i, (p, q) in enumerate(zip(x or [], y or [])):
+            assert p.dtype == q.dtype and np.array_equal(p, q), f"{name}[{i}] differs"
+    assert (a.optimizer["name"], a.optimizer["steps"]) == (b.optimizer["name"], b.optimizer["steps"])
+    assert a.optimizer["slots"].keys() == b.optimizer["slots"].keys()
+    for slot in a.optimizer["slots"]:
+        for i, (p, q) in enumerate(zip(a.optimizer["slots"][slot], b.optimizer["slots"][slot])):
+            assert np.array_equal(p, q), f"optimizer {slot}[{i}] differs"
+    for key in ("seed", "input_mean", "input_std", "format_version"):
+        assert a.attrs[key] == b.attrs[key]
+
+
+def start(tmp_path, args, pause=None):
+    """A `fit` subprocess: the real CLI, paused by HOOK at `pause` if given, else plain `-m scoretrain`."""
+    env = dict(os.environ, ST_HOOK=str(tmp_path))
+    if pause is None:
+        cmd = [sys.executable, "-m", "scoretrain", *args]
+    else:
+        env["ST_PAUSE"] = pause
+        cmd = [sys.executable, "-c", HOOK, *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def epochs_done(run_dir) -> int | None:
+    """run.h5's epochs_done as another process sees it (no lock), None while there is none."""
+    try:
+        with h5py.File(Path(run_dir) / "run.h5", "r", locking=False) as f:
+            return int(f.attrs["epochs_done"])
+    except (OSError, KeyError):
+        return None
+
+
+def wait_paused(proc, tmp_path, run_dir, epochs):
+    """Until the hook has paused the process and run.h5 shows `epochs` finished epochs."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ((tmp_path / "paused").exists() and epochs_done(run_dir) == epochs):
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"fit ended (exit {proc.returncode}) before pausing:\n{out}{err}")
+        assert time.monotonic() < deadline, "fit never paused"
+        time.sleep(0.005)
+
+
+def resume(run_dir, *flags):
+    result = runner.invoke(app, ["fit", "--resume", str(run_dir), *flags])
+    assert result.exit_code == 0, result.output
+    return result
+
+

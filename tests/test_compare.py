@@ -163,7 +163,9 @@ def no_run_file(runs, tmp):  # as in the moment between `fit` writing config.yam
     return runs / "k0.3"
 
 
-def bad_config(runs, tmp):
+def bad_config(runs, tmp):  # a run written before run.h5 kept its spec: config.yaml is all there is
+    with h5py.File(runs / "k0.3" / "run.h5", "r+") as f:
+        f.attrs.pop("spec", None)
     (runs / "k0.3" / "config.yaml").write_text("model: {k: 7}")
     return runs / "k0.3"
 

@@ -166,3 +166,25 @@ def test_fit_downloads_a_missing_dataset(cache, server, monkeypatch, tmp_path, s
     result = CliRunner().invoke(app, ["fit", str(config), *args, "--runs-dir", str(tmp_path / "runs"), "--name", "f"])
     assert result.exit_code == 0, result.output
     assert len(server.hits) == 4 and (cache / "train-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_download_shows_bytes_rate_and_time_left_on_a_terminal_only(mirror_server, tmp_path, terminal):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from scoretrain.progress import DownloadBar
+
+    mirror_server.files["blob.gz"] = bytes(range(256)) * 12_000  # 3.1 MB: several chunks
+    out = io.StringIO()
+    bar = DownloadBar(Console(file=out, force_terminal=terminal, width=120))
+    data.http_get(mirror_server.url("good") + "blob.gz", tmp_path / "blob.gz", bar)
+    bar.stop()
+    assert (tmp_path / "blob.gz").read_bytes() == mirror_server.files["blob.gz"]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without the terminal's escape codes
+    if terminal:
+        assert "blob.gz" in shown and "3.1/3.1 MB" in shown and re.search(r"[\d.]+ [kMG]B/s", shown) and "0:00:00" in shown
+    else:
+        assert shown == ""  # a log gets the `downloading URL` line alone

@@ -61,8 +61,18 @@ def conv_same(x, w):
     return (cols.reshape(n * h * wd, kh * kw * c) @ w.reshape(o, -1).T).reshape(n, h, wd, o)
 
 
-def predict(npz_path, pixels):
-    z = np.load(npz_path)  # no allow_pickle: plain arrays and strings only
+def load(path):
+    """The exported arrays and the architecture's JSON, by numpy (.npz) or safetensors alone."""
+    if path.suffix == ".npz":
+        return np.load(path)  # no allow_pickle: plain arrays and strings only
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {**{k: f.get_tensor(k) for k in f.keys()}, "architecture": f.metadata()["architecture"]}
+
+
+def predict(path, pixels):
+    z = load(path)
     x = pixels.astype(np.float32) / np.float32(255)
     x = (x - z["input_mean"]) / z["input_std"]
     for layer in json.loads(str(z["architecture"])):
@@ -90,16 +100,18 @@ def export(run_dir, dest, *args):
     return runner.invoke(app, ["export", str(run_dir), "--to", str(dest), *args])
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("name", list(RUNS))
-def test_the_npz_alone_reproduces_eval_exactly(trained, tmp_path, name):
+def test_the_exported_file_alone_reproduces_eval_exactly(trained, tmp_path, name, suffix):
     run_dir = trained(name)
-    result = export(run_dir, tmp_path / "net.npz")
+    dest = tmp_path / f"net{suffix}"
+    result = export(run_dir, dest)
     assert result.exit_code == 0, result.output
     ev = runner.invoke(app, ["eval", str(run_dir), "--json"])
     assert ev.exit_code == 0, ev.output
     ev = json.loads(ev.stdout)
     images, labels = mnist_test(ev["test_samples"])
-    correct = int((predict(tmp_path / "net.npz", images) == labels).sum())
+    correct = int((predict(dest, images) == labels).sum())
     assert correct / len(labels) == ev["test_acc"] == ev["recorded_test_acc"]
     assert ev["test_acc"] > 0.5  # a network that learned, not one that happens to agree on noise
 

@@ -109,6 +109,12 @@ def test_table(runs):
     assert "weight mean ± std" in result.stdout and "kept" not in result.stdout and "score" not in result.stdout
 
 
+def old_style(run_dir):
+    """As a run written before run.h5 kept a copy of its spec: config.yaml is all there is."""
+    with h5py.File(run_dir / "run.h5", "r+") as f:
+        f.attrs.pop("spec", None)
+
+
 def truncate(run_dir):
     data = (run_dir / "run.h5").read_bytes()
     (run_dir / "run.h5").write_bytes(data[: len(data) // 2])
@@ -118,7 +124,7 @@ def truncate(run_dir):
     (lambda runs: runs / "missing", "no such run directory"),
     (lambda runs: runs, "not a scoretrain run (no run.h5)"),
     (lambda runs: truncate(runs / "k0.3") or runs / "k0.3", "corrupt or truncated run file"),
-    (lambda runs: (runs / "k0.3" / "config.yaml").write_text("model: {k: 7}") and runs / "k0.3", "model.k: expected a fraction"),
+    (lambda runs: old_style(runs / "k0.3") or (runs / "k0.3" / "config.yaml").write_text("model: {k: 7}") and runs / "k0.3", "model.k: expected a fraction"),
 ])
 def test_bad_run_is_one_line_and_exit_1(runs, make, message):
     for args in ([], ["--json"]):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,141 +26,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import EPOCHS, FC, TIMEOUT, VARIANTS, args_of, assert_identical, resume, start, wait_paused
 from scoretrain import store
 from scoretrain.cli import app
 from scoretrain.config import ModelConfig
 from scoretrain.model import init_network
 
-ROOT = Path(__file__).resolve().parent.parent
-FC = str(ROOT / "configs/mnist_fc.yaml")
-EPOCHS = 4
-VARIANTS = {
-    "sgd": [],
-    "adam": ["train.optimizer=adam", "train.lr=0.01"],
-    "dense": ["model.method=dense"],
-}
-TIMEOUT = 60  # seconds for any one wait; a hang fails the test instead of blocking the suite
 runner = CliRunner()
-
-# Runs the real CLI in this process, pausing as $ST_PAUSE says ("epoch N": after epoch N's
-# checkpoint; "batch N B": in epoch N, after batch B) until the file $ST_HOOK/go exists.
-HOOK = r"""
-import os, sys, time
-from pathlib import Path
-from scoretrain import progress
-from scoretrain.cli import main
-
-hook, at = Path(os.environ["ST_HOOK"]), os.environ["ST_PAUSE"].split()
-R = progress.Reporter
-start, batch, end = R.epoch_start, R.batch, R.epoch_end
-now = {"epoch": 0}
-
-def pause():
-    (hook / "paused").touch()
-    while not (hook / "go").exists():
-        time.sleep(0.005)
-
-def epoch_start(self, epoch, *a, **k):
-    now["epoch"] = epoch
-    return start(self, epoch, *a, **k)
-
-def on_batch(self, done, *a, **k):
-    batch(self, done, *a, **k)
-    if at[0] == "batch" and now["epoch"] == int(at[1]) and done == int(at[2]):
-        pause()
-
-def epoch_end(self, row, *a, **k):
-    end(self, row, *a, **k)
-    if at[0] == "epoch" and row["epoch"] == int(at[1]):
-        pause()
-
-R.epoch_start, R.batch, R.epoch_end = epoch_start, on_batch, epoch_end
-sys.argv = ["scoretrain", *sys.argv[1:]]
-main()
-"""
-
-
-def args_of(small, variant, *extra):
-    return [*small, f"train.epochs={EPOCHS}", *VARIANTS[variant], *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run of each variant, made once (in this process) and shared."""
-    from conftest import SMALL
-
-    folder = tmp_path_factory.mktemp("reference")
-    made = {}
-
-    def get(variant, *extra):
-        if (variant, extra) not in made:
-            name = f"{variant}-{len(made)}"
-            result = runner.invoke(app, ["fit", FC, *args_of(SMALL, variant, *extra), "--runs-dir", str(folder), "--name", name, "-q"])
-            assert result.exit_code == 0, result.output
-            made[variant, extra] = folder / name
-        return made[variant, extra]
-
-    return get
-
-
-def assert_identical(run_dir, ref_dir):
-    """Bit-identical network, masks, optimizer state and metrics (all but epoch_seconds)."""
-    a, b = store.load(run_dir, with_optimizer=True), store.load(ref_dir, with_optimizer=True)
-    assert a.attrs["status"] == b.attrs["status"] == "completed"
-    assert a.metrics["epoch"] == list(range(1, EPOCHS + 1)), "one metrics row per epoch, no duplicate, no gap"
-    for key in store.METRICS:
-        assert len(a.metrics[key]) == EPOCHS
-        if key != "epoch_seconds":
-            np.testing.assert_array_equal(a.metrics[key], b.metrics[key], err_msg=key)  # nan == nan here (mask_change of dense)
-    for name in ("weights", "scores", "masks"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None) == (y is None), name
-        for i, (p, q) in enumerate(zip(x or [], y or [])):
-            assert p.dtype == q.dtype and np.array_equal(p, q), f"{name}[{i}] differs"
-    assert (a.optimizer["name"], a.optimizer["steps"]) == (b.optimizer["name"], b.optimizer["steps"])
-    assert a.optimizer["slots"].keys() == b.optimizer["slots"].keys()
-    for slot in a.optimizer["slots"]:
-        for i, (p, q) in enumerate(zip(a.optimizer["slots"][slot], b.optimizer["slots"][slot])):
-            assert np.array_equal(p, q), f"optimizer {slot}[{i}] differs"
-    for key in ("seed", "input_mean", "input_std", "format_version"):
-        assert a.attrs[key] == b.attrs[key]
-
-
-def start(tmp_path, args, pause=None):
-    """A `fit` subprocess: the real CLI, paused by HOOK at `pause` if given, else plain `-m scoretrain`."""
-    env = dict(os.environ, ST_HOOK=str(tmp_path))
-    if pause is None:
-        cmd = [sys.executable, "-m", "scoretrain", *args]
-    else:
-        env["ST_PAUSE"] = pause
-        cmd = [sys.executable, "-c", HOOK, *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def epochs_done(run_dir) -> int | None:
-    """run.h5's epochs_done as another process sees it (no lock), None while there is none."""
-    try:
-        with h5py.File(Path(run_dir) / "run.h5", "r", locking=False) as f:
-            return int(f.attrs["epochs_done"])
-    except (OSError, KeyError):
-        return None
-
-
-def wait_paused(proc, tmp_path, run_dir, epochs):
-    """Until the hook has paused the process and run.h5 shows `epochs` finished epochs."""
-    deadline = time.monotonic() + TIMEOUT
-    while not ((tmp_path / "paused").exists() and epochs_done(run_dir) == epochs):
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"fit ended (exit {proc.returncode}) before pausing:\n{out}{err}")
-        assert time.monotonic() < deadline, "fit never paused"
-        time.sleep(0.005)
-
-
-def resume(run_dir, *flags):
-    result = runner.invoke(app, ["fit", "--resume", str(run_dir), *flags])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def same_state(a: store.Run, b: store.Run) -> bool:
@@ -259,38 +130,63 @@ def progress_of(run_dir, pid) -> int | None:
         return None
 
 
+SLICE = 0.01  # seconds a stopped fit runs between two looks at it
+
+
+def run_until_killed(proc, run_dir, target: int, extra: int) -> bool:
+    """Let `proc` run in slices of SLICE seconds, each ended by SIGSTOP, until run.h5 shows it
+    checkpointed `target` epochs (or, for target < 0, until its run folder exists) and then
+    `extra` slices more; then SIGKILL it while it is stopped, wherever it stopped: in training,
+    evaluation or a checkpoint write. It is killed early once it works on its last epoch, so
+    a kill always lands before the run completes unless an epoch takes less than a slice.
+    Returns False if the process ended by itself first."""
+    reached = False
+    while True:
+        time.sleep(SLICE)
+        os.kill(proc.pid, signal.SIGSTOP)
+        if proc.poll() is not None:
+            return False
+        now = progress_of(run_dir, proc.pid)
+        if not reached:
+            reached = now is not None and now >= target or target < 0 and (run_dir / "config.yaml").exists()
+        elif extra == 0 or (now or 0) >= EPOCHS - 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=TIMEOUT)
+            return True
+        else:
+            extra -= 1
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def test_sigkill_at_random_moments_always_leaves_a_loadable_run_that_resumes_to_the_same_end(tmp_path, small, reference):
     """Plain `python -m scoretrain` (no hook) killed with SIGKILL at random moments of its work:
-    before its first checkpoint, in training, evaluation or a checkpoint write. Each kill
-    waits for a random epoch to be checkpointed by the process, then a random part of an
-    epoch more, so it lands before the run completes however fast the machine. Every time
-    run.h5 loads whole (or there is none yet and --resume starts the run over); in the end
-    the run resumes to the uninterrupted one, bit for bit."""
+    before its first checkpoint, in training, evaluation or a checkpoint write. Each kill waits
+    for a random epoch to be checkpointed by the process, then a random number of short slices
+    of its running time more (run_until_killed: stopped between slices, so the kill cannot
+    come too late however fast or loaded the machine is). Every time run.h5 loads whole (or
+    there is none yet and --resume starts the run over); in the end the run resumes to the
+    uninterrupted one, bit for bit."""
     more = ("data.train_samples=20000",)  # epochs long enough for a kill to land inside one
-    ref = store.load(reference("sgd", *more))
-    epoch = sum(ref.metrics["epoch_seconds"]) / EPOCHS  # training steps only: a real epoch is longer
     rng = random.Random(2)
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
-    stopped_at = []
-    for kill in range(5):
+    stopped_at, finished_first = [], 0
+    while len(stopped_at) < 5:
         done = store.load(run_dir).epochs_done if (run_dir / "run.h5").exists() else 0
         if done > EPOCHS - 2:
             break
         fresh = not run_dir.exists()
         args = ["fit", FC, *args_of(small, "sgd", *more), "--runs-dir", str(runs), "--name", "r"] if fresh else ["fit", "--resume", str(run_dir)]
         proc = start(tmp_path, [*args, "-q"])
-        target = rng.randint(done - 1, EPOCHS - 2)  # done - 1: as soon as the process works on the run
-        deadline = time.monotonic() + TIMEOUT
-        while proc.poll() is None:
-            now = progress_of(run_dir, proc.pid)
-            if now is not None and now >= target or target < 0 and (run_dir / "config.yaml").exists():
-                break
-            assert time.monotonic() < deadline, "fit never reached its target epoch"
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 1.2 * epoch))
-        proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == -signal.SIGKILL, f"fit was not killed (exit {proc.returncode}): {out}{err}"
+        if not run_until_killed(proc, run_dir, target=rng.randint(done - 1, EPOCHS - 2), extra=rng.randint(0, 60)):
+            out, err = proc.communicate(timeout=TIMEOUT)  # an epoch shorter than a slice: start over
+            assert proc.returncode == 0 and store.load(run_dir).attrs["status"] == "completed", out + err
+            finished_first += 1
+            assert finished_first < 3, "fit finished its last epoch within one slice, three times"
+            shutil.rmtree(run_dir)
+            stopped_at.clear()
+            continue
+        proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == -signal.SIGKILL
         if (run_dir / "run.h5").exists():
             run = store.load(run_dir, with_optimizer=True)  # never a partial file
             assert run.attrs["status"] == "running" and store.live_status(run) == "interrupted"

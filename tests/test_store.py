@@ -13,7 +13,7 @@ from scoretrain.errors import RunError
 def sample_run(with_scores=True):
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)]
-    run = store.Run(attrs=store.base_attrs(1, "numpy", "cpu", 0.13, 0.31), weights=weights, k=0.5)
+    run = store.Run(attrs=store.base_attrs(1, "numpy", "cpu", 0.13, 0.31, spec=""), weights=weights, k=0.5)
     if with_scores:
         run.scores = [rng.standard_normal(w.shape).astype(np.float32) for w in weights]
         run.masks = [np.abs(s) > 0.5 for s in run.scores]
