@@ -76,7 +76,7 @@ def user_errors(fn):
             say(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
         except MemoryError as e:  # an allocation that cannot succeed, outside a training run
-            say(f"error: out of memory ({str(e).splitlines()[0] if str(e) else 'an allocation failed'}): use a smaller network or batch")
+            say(f"error: {train.failure(e)}: use a smaller network or batch")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -111,11 +111,7 @@ def fit(
             store.check_name(name)
         # Everything that can fail before training runs before the run folder exists, so that a
         # run that never started leaves nothing behind.
-        backend = resolve(cfg.device)
-        dd = train.load_data(cfg, backend)
-        train.check_memory(cfg, backend, dd)
-        load_kernels(backend.xp)
-        run = train.new_run(cfg, backend, dd)
+        backend, dd, run = _fresh(cfg)
         stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
         run_dir = store.create_run_dir(runs_dir, name, stem)
         store.claim(run_dir)  # a --resume of it is refused while this process trains it
@@ -158,6 +154,15 @@ def fit(
         say(f"stdout was closed; the run trained on to the end: {run_dir} is {run.attrs['status']} after {run.epochs_done} epochs")
 
 
+def _fresh(cfg: config_mod.Config):
+    """(backend, data, run) for a run from its start: everything that can fail before training."""
+    backend = resolve(cfg.device)
+    dd = train.load_data(cfg, backend)
+    train.check_memory(cfg, backend, dd)
+    load_kernels(backend.xp)
+    return backend, dd, train.new_run(cfg, backend, dd)
+
+
 def _resumed(run_dir: Path):
     """(cfg, backend, data, run) to go on with an interrupted run. The spec is the one run.h5
     records; config.yaml may change the train keys and the device (e.g. more epochs), but not
@@ -165,11 +170,7 @@ def _resumed(run_dir: Path):
     store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
     if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
         cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-        backend = resolve(cfg.device)
-        dd = train.load_data(cfg, backend)
-        train.check_memory(cfg, backend, dd)
-        load_kernels(backend.xp)
-        run = train.new_run(cfg, backend, dd)
+        backend, dd, run = _fresh(cfg)
     else:
         run, recorded = store.open_run(run_dir, with_optimizer=True)
         cfg = recorded
@@ -195,11 +196,11 @@ def _resumed(run_dir: Path):
     return cfg, backend, dd, run
 
 
-def warn_edited(run_dir: Path) -> None:
-    """One warning line where config.yaml no longer says what run.h5 records: the readers answer
-    from run.h5."""
-    run = store.load_summary(run_dir)
-    note = store.edited(run_dir, store.load_spec(run_dir, run))
+def warn_edited(run_dir: Path, note: str | None = None) -> None:
+    """One warning line where config.yaml no longer says what run.h5 records (`note`, found here
+    if not given): the readers answer from run.h5."""
+    if note is None:
+        note = store.edited(run_dir, store.load_spec(run_dir, store.load_summary(run_dir)))
     if note:
         say(f"warning: {Path(run_dir) / store.CONFIG_FILE} was edited ({note}); showing the run as run.h5 records it")
 
@@ -315,7 +316,7 @@ def compare(
     rows = compare_mod.sort_rows(compare_mod.collect(paths), sort)
     for row in rows:
         if row["edited"]:
-            say(f"warning: {Path(row['path']) / store.CONFIG_FILE} was edited ({row['edited']}); showing the run as run.h5 records it")
+            warn_edited(Path(row["path"]), row["edited"])
     if as_json or as_csv:
         emit(compare_mod.to_json(rows) + "\n" if as_json else compare_mod.to_csv(rows))
     else:
@@ -325,7 +326,7 @@ def compare(
                 say(f"unreadable: {row['error']}")
     if plot is not None:
         plot_mod.plot(rows, plot)
-        err_console.print(f"plot written to {plot}", soft_wrap=True, markup=False)  # stderr: --json/--csv stay clean
+        say(f"plot written to {plot}")  # stderr: --json/--csv stay clean
 
 
 @app.command("inspect")

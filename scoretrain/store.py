@@ -298,7 +298,7 @@ def _shapes(shapes: list) -> str:
     return ", ".join("x".join(map(str, s)) for s in shapes)
 
 
-def edited(run_dir: Path, cfg: config_mod.Config, sections=None) -> str | None:
+def edited(run_dir: Path, cfg: config_mod.Config) -> str | None:
     """Where config.yaml no longer says what run.h5 records (someone edited it), as
     'model.k is 0.2, the run's is 0.5'; None where they agree, or there is no config.yaml."""
     path = Path(run_dir) / CONFIG_FILE
@@ -308,7 +308,7 @@ def edited(run_dir: Path, cfg: config_mod.Config, sections=None) -> str | None:
         on_disk = config_mod.load(path)
     except ConfigError as e:
         return f"it cannot be read ({e})"
-    changed = config_mod.differences(on_disk, cfg, sections)
+    changed = config_mod.differences(on_disk, cfg)
     if not changed:
         return None
     said = [f"{key} is {new!r}, the run's is {old!r}" for key, new, old in changed[:3]]

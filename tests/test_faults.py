@@ -201,8 +201,8 @@ def test_a_disk_that_fills_up_mid_run_keeps_the_last_epoch_and_resumes_exactly(t
     (tmp_path / "go").touch()
     out, err = proc.communicate(timeout=TIMEOUT)
     proc.stderr = err
-    line = one_line_proc(proc, 1, f"{run_dir}: cannot write the checkpoint of epoch 2: the disk is full",
-                         "run.h5 keeps epoch 1", f"scoretrain fit --resume {run_dir}")
+    one_line_proc(proc, 1, f"{run_dir}: cannot write the checkpoint of epoch 2: the disk is full",
+                  "run.h5 keeps epoch 1", f"scoretrain fit --resume {run_dir}")
     assert "epoch 1/4" in out and "epoch 2/4" not in out and "Traceback" not in out
     run = store.load(run_dir, with_optimizer=True)
     assert run.epochs_done == 1 and store.live_status(run) == "interrupted"
