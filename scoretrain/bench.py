@@ -94,7 +94,7 @@ def split(backend: Backend, net, opt, x, y, batches) -> dict:
     """The fraction of a step in each of train_step's four phases, each timed to its end:
     select (the masks and W_eff), forward (with the loss), backward (dL/dW_eff) and update (the
     straight-through gradient and the optimizer). On the CPU, edge-popup's update also makes the
-    next top-k's pass over the scores (kernels.sweep), and select only settles the bands."""
+    next top-k's pass over the scores (kernels.score_step), and select only settles the bands."""
     phases = dict(select=0.0, forward=0.0, backward=0.0, update=0.0)
     clock = time.perf_counter
     for idx in batches:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from . import methods
 from .data import SHAPES
 from .errors import ConfigError
 
-METHODS = ("edge-popup", "dense", "supermask", "biprop")
-K_METHODS = ("edge-popup", "biprop")  # the methods that keep a fixed fraction k of the weights
+METHODS = tuple(methods.METHODS)  # the registry's names: a method is a class in methods.py
+K_METHODS = methods.K_METHODS  # the methods that keep a fixed fraction k of the weights
 ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8")
 K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")

@@ -19,30 +19,21 @@ from . import data, store, train
 from .backend import Backend
 from .config import K_METHODS
 from .errors import ScoretrainError
-from .model import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 
 FORMAT = "scoretrain-subnetwork"
 FORMAT_VERSION = 1
 
 
 def architecture(net) -> list[dict]:
-    """The layer list as plain dicts; weight layers name their array in the .npz."""
+    """The layer list as plain dicts (each layer's describe()); weight layers name their array in
+    the file."""
     out, wi = [], 0
     for layer in net.layers:
-        if isinstance(layer, (Linear, Conv2d)):
-            entry = {"type": layer.kind, "weight": f"weight_{wi:02d}", "shape": list(layer.shape)}
-            if isinstance(layer, Conv2d):
-                entry.update(padding="same", stride=1)
-            out.append(entry)
+        entry = layer.describe()
+        if hasattr(layer, "shape"):
+            entry = {"type": entry.pop("type"), "weight": f"weight_{wi:02d}", **entry}
             wi += 1
-        elif isinstance(layer, ReLU):
-            out.append({"type": "relu"})
-        elif isinstance(layer, MaxPool2d):
-            out.append({"type": "maxpool", "size": 2, "stride": 2})
-        elif isinstance(layer, Flatten):
-            out.append({"type": "flatten"})
-        else:  # a layer type added to model.py must be described here before it can be exported
-            raise TypeError(f"export: no description for layer {type(layer).__name__}")
+        out.append(entry)
     return out
 
 

@@ -4,7 +4,7 @@ NumPy or CuPy array code each is several passes (kernels) with temporaries, over
 than the caches; these read every input once.
 
 On the CPU they are numba loops, and for edge-popup one loop does a whole step's work on the
-scores: `sweep` takes dL/dW_eff through the mask, updates each score with the optimizer's rule,
+scores: `score_step` takes dL/dW_eff through the mask, updates each score with the optimizer's rule,
 and sorts the new score against a band around the last threshold (above it, below it, or in
 it). What remains of the next top-k is a partition of the few values in the band (`settle`).
 On the GPU the straight-through gradient and the optimizer updates are CUDA kernels (the end of
@@ -14,7 +14,7 @@ out, for contiguous float32 arrays; float64 (the gradient checks) takes the arra
 Each loop gives the same bits as the array code it replaces, as written in its docstring:
 tests/test_model.py checks the numba loops against it, and tests/test_gpu.py the CUDA kernels
 against the numba loops. numba does not check bounds: every loop runs over its first array's
-size (the sweep over its band's spans, settle over its indices), and the others must be as long. numba takes ~0.4 s to import, so this module is imported
+size (score_step over its band's spans, settle over its indices), and the others must be as long. numba takes ~0.4 s to import, so this module is imported
 on first use; the compiled loops are cached on disk (cache=True), so only a machine's first run
 compiles them.
 """
@@ -27,18 +27,18 @@ from collections import namedtuple
 import numba
 import numpy as np
 
-# The top-k ranks by |x|. The sweep compares float magnitudes, where `not |x| <= hi` is also true
+# The top-k ranks by |x|. score_step compares float magnitudes, where `not |x| <= hi` is also true
 # for NaN, which ranks above everything, as it does in the bits of |x| (x's bits without the
 # sign bit) as unsigned integers, which order like the values for floats >= 0, and in which the
 # partitions work and a threshold t is given.
 MAGNITUDE = np.uint32(0x7FFFFFFF)
-BLOCK = np.uint64(32)  # the sweep counts a block in a vectorized loop before it looks at single values
+BLOCK = np.uint64(32)  # score_step counts a block in a vectorized loop before it looks at single values
 
 # error_model="numpy": a float division by zero gives inf, as in NumPy, unchecked (numba's default
 # raises ZeroDivisionError, and its check keeps a loop from vectorizing).
 jit = numba.njit(cache=True, error_model="numpy")
 
-# What the sweep sorts against: per span [spans[j, 0], spans[j, 1]) of x, the band of
+# What score_step sorts against: per span [spans[j, 0], spans[j, 1]) of x, the band of
 # magnitudes bounds[j] = (lo, hi). It writes mask = |x| > hi, and notes the indices (relative to
 # the span) of the values in the band in index[spans[j, 0]:], and (above, found) in counts[j].
 Band = namedtuple("Band", "spans bounds mask index counts")
@@ -113,7 +113,7 @@ def straight_through(g, w, s):
 
 
 @jit
-def sweep(p, g, sgd, adam, w, band, out):
+def score_step(p, g, sgd, adam, w, band, out):
     """Edge-popup's step on the scores p, in one pass: each p[i] is updated by the optimizer
     rule given (sgd or adam, as in the loops above) with the straight-through gradient of
     W_eff = w * |p| from g = dL/dW_eff, then sorted against its span's band (see Band); with
@@ -178,7 +178,7 @@ def sweep(p, g, sgd, adam, w, band, out):
 
 @jit
 def settle(x, k, above, index, mask, w, out):
-    """Finish a top-k that a sweep began, given that the k-th largest |x| is in the band
+    """Finish a top-k that score_step began, given that the k-th largest |x| is in the band
     (above < k <= above + len(index)): keep the k - above largest of the band's values x[index],
     ties at the threshold to the lowest indices; returns the threshold t (bits of |x|)."""
     bits = x.view(np.uint32)
@@ -221,14 +221,16 @@ def masked(w, mask, out):
         out[i] = w[i] * mask[i]
 
 
-def update(rule, p, g, state, scalars, w=None, band=None, out=None):
+def update(rule, p, g, state, scalars):
     """The optimizer's update of p with gradient g, rule "sgd" or "adam"; optim.py calls it so on
-    both backends (cuda().update). With a band, edge-popup's whole step on the scores (sweep)."""
+    both backends (cuda().update)."""
+    (sgd if rule == "sgd" else adam)(p, g, (*state, *scalars))
+
+
+def score_step_with(rule, p, g, state, scalars, w, band, out):
+    """score_step with the optimizer's rule "sgd" or "adam" (methods.FusedScoreStep)."""
     opt = (*state, *scalars)
-    if band is None:
-        (sgd if rule == "sgd" else adam)(p, g, opt)
-    else:
-        sweep(p, g, opt if rule == "sgd" else None, opt if rule == "adam" else None, w, band, out)
+    score_step(p, g, opt if rule == "sgd" else None, opt if rule == "adam" else None, w, band, out)
 
 
 # --- the same updates as CUDA kernels, for CuPy -------------------------------------------------

@@ -28,16 +28,24 @@ class SGD:
         self.tmp = [xp.empty_like(p) for p in params]  # scratch, so a step allocates nothing
         self.steps = 0
 
-    def step(self, params: list, grads: list, lr: float, **sweep) -> None:
-        """params -= the update from grads. `sweep` (w, band, out): the fused CPU loop's extra
-        work in the same pass, for Network.update only (kernels.sweep)."""
+    def scalars(self, lr: float) -> tuple:
+        """The fused loops' scalars of a step (kernels.sgd), after the state arrays."""
+        return f32(lr), f32(self.mu), f32(self.wd), self.nesterov
+
+    def step_fused(self, lr: float, loop) -> None:
+        """One step done by `loop(rule, state, scalars)`, a fused CPU loop that does more work in
+        the same pass (methods.FusedScoreStep); one learned tensor."""
+        loop("sgd", (flat(self.state["momentum"][0]),), self.scalars(lr))
+        self.steps += 1
+
+    def step(self, params: list, grads: list, lr: float) -> None:
+        """params -= the update from grads."""
         mul = self.xp.multiply
         for p, g, buf, tmp in zip(params, grads, self.state["momentum"], self.tmp):
             loops = fused(self.xp, p, g, buf)
             if loops:  # the same update, as one loop
-                loops.update("sgd", flat(p), flat(g), (flat(buf),), (f32(lr), f32(self.mu), f32(self.wd), self.nesterov), **sweep)
+                loops.update("sgd", flat(p), flat(g), (flat(buf),), self.scalars(lr))
                 continue
-            assert not sweep, "the sweep's work (straight-through, top-k pass) is done by the fused loops only"
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             if self.mu:
@@ -61,7 +69,18 @@ class Adam:
         self.tmp = [xp.empty_like(p) for p in params]
         self.steps = 0
 
-    def step(self, params: list, grads: list, lr: float, **sweep) -> None:
+    def scalars(self, lr: float) -> tuple:
+        """The fused loops' scalars of the step counted in self.steps (kernels.adam)."""
+        c1, c2 = 1.0 - self.b1**self.steps, 1.0 - self.b2**self.steps
+        return (f32(lr / c1), f32(self.b1), f32(1.0 - self.b1), f32(self.b2), f32(1.0 - self.b2), f32(c2),
+                f32(self.eps), f32(self.wd))
+
+    def step_fused(self, lr: float, loop) -> None:
+        """As SGD.step_fused."""
+        self.steps += 1
+        loop("adam", (flat(self.state["m"][0]), flat(self.state["v"][0])), self.scalars(lr))
+
+    def step(self, params: list, grads: list, lr: float) -> None:
         """As SGD.step."""
         xp, mul = self.xp, self.xp.multiply
         self.steps += 1
@@ -70,10 +89,8 @@ class Adam:
         for p, g, m, v, tmp in zip(params, grads, self.state["m"], self.state["v"], self.tmp):
             loops = fused(xp, p, g, m, v)
             if loops:  # the same update, as one loop
-                loops.update("adam", flat(p), flat(g), (flat(m), flat(v)), (f32(lr / c1), f32(self.b1), f32(1.0 - self.b1),
-                             f32(self.b2), f32(1.0 - self.b2), f32(c2), f32(self.eps), f32(self.wd)), **sweep)
+                loops.update("adam", flat(p), flat(g), (flat(m), flat(v)), self.scalars(lr))
                 continue
-            assert not sweep, "the sweep's work (straight-through, top-k pass) is done by the fused loops only"
             if self.wd:
                 g += mul(p, self.wd, out=tmp)
             m *= self.b1

@@ -24,6 +24,7 @@ from . import __version__
 from . import config as config_mod
 from .data import SHAPES
 from .errors import ConfigError, RunError
+from .methods import METHODS
 from .model import build_layers
 
 try:
@@ -286,7 +287,7 @@ def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
     problem = None
     if shapes != found:
         problem = f"its layers are {_shapes(shapes)}, run.h5 holds {_shapes(found)}"
-    elif (run.scores is None) != (cfg.model.method == "dense"):
+    elif (run.scores is None) != (METHODS[cfg.model.method].learns == "weights"):
         problem = f"model.method is {cfg.model.method}, but run.h5 {'holds' if run.scores is not None else 'has no'} scores"
     elif run.scores is not None and run.k != cfg.model.k:
         problem = f"model.k is {cfg.model.k:g}, run.h5's masks keep {run.k:g}"

@@ -26,6 +26,7 @@ from . import data, optim, store
 from .backend import Backend, fused
 from .config import Config, dump
 from .errors import ConfigError, RunError
+from .methods import METHODS
 from .model import Network, build_layers, cross_entropy, init_network
 
 
@@ -74,7 +75,7 @@ def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int
     slots = 2 if cfg.train.optimizer == "adam" else 1
     # float32 weights, gradient, optimizer slots and their scratch, the run's host copy; the score
     # methods add scores, mask (bool), W_eff, scratch and host copies of scores and mask
-    per_weight = 4 * (3 + slots) + (0 if cfg.model.method == "dense" else 4 * 4 + 1 + 1)
+    per_weight = 4 * (3 + slots) + (0 if METHODS[cfg.model.method].learns == "weights" else 4 * 4 + 1 + 1)
     t = cfg.train
     batch, eval_batch = min(t.batch_size, n_train), min(t.eval_batch_size, n_test)
     activations = 4 * per_sample * max(2 * batch, eval_batch)  # training keeps gradients too

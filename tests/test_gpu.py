@@ -11,7 +11,8 @@ from scoretrain import data, optim
 from scoretrain.backend import resolve
 from scoretrain.config import ModelConfig, TrainConfig
 from scoretrain.errors import DeviceError
-from scoretrain.model import Network, init_network, topk_mask
+from scoretrain.methods import topk_mask
+from scoretrain.model import Network, init_network
 from scoretrain.train import train_step
 
 try:
@@ -76,7 +77,7 @@ def test_cuda_optimizer_kernels_give_the_bits_of_the_cpu_loops(opt):
 
 @pytest.mark.gpu
 def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
-    from scoretrain.model import straight_through
+    from scoretrain.methods import straight_through
 
     cp = GPU.xp
     rng = np.random.default_rng(0)

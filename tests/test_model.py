@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from scoretrain.config import ModelConfig
-from scoretrain.model import Network, build_layers, cross_entropy, init_network, kept_count, topk_mask
+from scoretrain.methods import kept_count, topk_mask
+from scoretrain.model import Network, build_layers, cross_entropy, init_network
 
 
 def stable_topk(a, k):
@@ -75,7 +76,7 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
 
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 7919])
-def test_sweep_and_settle_are_the_top_k_or_say_they_missed(n):
+def test_score_step_and_settle_are_the_top_k_or_say_they_missed(n):
     """The CPU top-k pass (blocks of 32, a partial last block, spans that start anywhere) for
     bands that hold the k-th largest |x| or not, tie-heavy values included, then settle."""
     from scoretrain import kernels
@@ -94,7 +95,7 @@ def test_sweep_and_settle_are_the_top_k_or_say_they_missed(n):
                 mask, out = np.zeros(n + 37, bool), np.full(n + 37, np.nan, np.float32)
                 band = kernels.Band(np.array([[0, 37], [37, n + 37]]), np.array([(0, 2), (lo, hi)], np.float32),
                                     mask, np.empty(n + 37, np.int64), np.empty((2, 2), np.int64))
-                kernels.sweep(xs, None, None, None, ws, band, out)
+                kernels.score_step(xs, None, None, None, ws, band, out)
                 (above, found), index = band.counts[1], band.index[37 : 37 + band.counts[1, 1]]
                 assert above == np.sum(np.abs(x) > np.float32(hi)) and found == np.sum((np.abs(x) >= lo) & (np.abs(x) <= hi))
                 assert (above < k <= above + found) == (lo <= f <= hi)
@@ -107,7 +108,7 @@ def test_sweep_and_settle_are_the_top_k_or_say_they_missed(n):
 
 def test_fused_loops_give_the_bits_of_the_numpy_expressions():
     from scoretrain import kernels
-    from scoretrain.model import times_sign
+    from scoretrain.methods import times_sign
 
     rng = np.random.default_rng(0)
     g, w, s = (rng.standard_normal(1001).astype(np.float32) for _ in range(3))
@@ -296,7 +297,7 @@ def test_score_gradient_is_straight_through_the_mask(method, arch):
         if method == "edge-popup":
             through = w * np.sign(s)
         elif method == "biprop":
-            through = net.alphas[layer] * np.sign(w) * np.sign(s)
+            through = net.method.alphas[layer] * np.sign(w) * np.sign(s)
         else:
             p = 1 / (1 + np.exp(-s))
             through = w * p * (1 - p)
@@ -403,7 +404,7 @@ def test_device_code_path_trains_bit_identically_to_the_numpy_path(method, arch,
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_times_sign_is_multiplying_by_the_sign(dtype):
-    from scoretrain.model import times_sign
+    from scoretrain.methods import times_sign
 
     rng = np.random.default_rng(0)
     g, s = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
@@ -438,8 +439,9 @@ def test_fused_optimizer_updates_give_the_bits_of_the_array_code(opt):
                                  dict(optimizer="sgd", weight_decay=0.0), dict(optimizer="adam", lr=0.003)])
 @pytest.mark.parametrize("k_scope", ["layer", "global"])
 def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scope):
-    """Network.update's one loop (straight-through, optimizer, the next top-k's pass) against
-    the same step as separate numba loops (no sweep) and as array code (the CuPy path)."""
+    """Network.update's one loop (methods.FusedScoreStep: straight-through, optimizer, the next
+    top-k's pass) against the same step as separate numba loops (no fast path) and as array
+    code (the CuPy path)."""
     from scoretrain import optim
     from scoretrain.config import TrainConfig
     from scoretrain.train import train_step
@@ -450,15 +452,15 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
     x, y = rng.standard_normal((12 * 16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 12 * 16)
     t = TrainConfig(**opt)
     runs, settled = [], 0
-    for xp, sweep in ((np, True), (np, False), (ForeignNumpy(), False)):
+    for xp, fast in ((np, True), (np, False), (ForeignNumpy(), False)):
         net = Network(xp, cfg, w, s)
-        if not sweep:
-            net.sweep = None
-        assert (net.sweep is not None) == sweep
+        if not fast:
+            net.method.fast = None
+        assert (net.method.fast is not None) == fast
         o = optim.make(xp, net.params, t)
         for i in range(0, len(y), 16):
-            if sweep and i:  # the last update swept the scores: the next selection settles its bands
-                counts, kept = net.sweep.counts, np.array(net.kept)
+            if fast and i:  # the last update swept the scores: the next selection settles its bands
+                counts, kept = net.method.fast.band.counts, np.array(net.method.kept)
                 settled += np.sum((counts[:, 0] < kept) & (kept <= counts.sum(axis=1)))
             train_step(net, o, x[i : i + 16], y[i : i + 16], t.lr)
         net.effective_weights(train=False)
@@ -466,7 +468,7 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
     for fused_run_array, *others in zip(*runs):
         for other in others:
             np.testing.assert_array_equal(fused_run_array.view(np.uint8), other.view(np.uint8))
-    assert settled >= 11 * len(net.groups) // 2  # most selections took the swept path
+    assert settled >= 11 * len(net.method.groups) // 2  # most selections took the swept path
     assert not np.array_equal(runs[0][0], np.concatenate([a.ravel() for a in s]))  # the scores did move
 
 
