@@ -293,7 +293,7 @@ def eval_(
 @user_errors
 def compare(
     paths: List[Path] = typer.Argument(..., help="Run directories and/or folders of runs (e.g. runs/), mixed.", show_default=False, metavar="RUN_DIR..."),
-    sort: str = typer.Option("k", "--sort", help="k (default: a K sweep in order of k), name, method, widths, init, epochs, status, best, final or seconds. Accuracies sort best first, the rest ascending; ties by name; runs without the value last."),
+    sort: str = typer.Option("k", "--sort", help="k (default: a K sweep in order of k), name, method, widths, init, epochs, status, best, final, val (test accuracy at the best validation epoch) or seconds. Accuracies sort best first, the rest ascending; ties by name; runs without the value last."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts (full precision)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows for scripts (full precision)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw final test accuracy against k and test accuracy per epoch into FILE.png or FILE.svg (needs: pip install 'scoretrain\\[plot]').", show_default=False, metavar="FILE"),

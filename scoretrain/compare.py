@@ -27,7 +27,8 @@ from . import store
 from .errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
-          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "edited", "error")
+          "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "best_val_acc", "best_val_epoch", "test_at_best_val",
+          "edited", "error")
 
 # --sort KEY: the row field it sorts by, and whether larger comes first (accuracies: best first).
 # Rows without the value (k of a dense run; accuracies before epoch 1) go last, unreadable runs after them.
@@ -35,6 +36,7 @@ SORT_KEYS = {
     "name": ("name", False), "method": ("method", False), "widths": ("widths", False), "k": ("k", False),
     "init": ("init", False), "epochs": ("epochs_done", False), "status": ("status", False),
     "best": ("best_test_acc", True), "final": ("final_test_acc", True), "seconds": ("seconds_per_epoch", False),
+    "val": ("test_at_best_val", True),
 }
 STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "unreadable": "red"}
 
@@ -73,6 +75,9 @@ def read_row(run_dir: Path) -> dict:
         best = max(range(len(m["test_acc"])), key=m["test_acc"].__getitem__)  # the first epoch on ties
         row.update(best_test_acc=m["test_acc"][best], best_epoch=m["epoch"][best], final_test_acc=m["test_acc"][-1],
                    seconds_per_epoch=sum(m["epoch_seconds"]) / len(m["epoch_seconds"]))
+        chosen = store.best_by_validation(m)  # the epoch a validation split selects: the test split chooses nothing
+        if chosen is not None:
+            row.update(best_val_acc=m["val_acc"][chosen], best_val_epoch=m["epoch"][chosen], test_at_best_val=m["test_acc"][chosen])
     return row
 
 
@@ -128,19 +133,22 @@ def net_name(r: dict) -> str:
     return "-".join(map(str, r["widths"])) if r["widths"] else f"{r['arch']} x{r['width']:g}"
 
 
-def _cells(r: dict) -> list[str]:
+def _cells(r: dict, with_val: bool) -> list[str]:
     if r["status"] == "unreadable":
-        return [r["name"]] + ["-"] * 5 + ["unreadable"] + ["-"] * 3
+        return [r["name"]] + ["-"] * 5 + ["unreadable"] + ["-"] * (4 if with_val else 3)
     best = "-" if r["best_test_acc"] is None else f"{_pct(r['best_test_acc'])} ({r['best_epoch']})"
+    at_val = ["-" if r["test_at_best_val"] is None else f"{_pct(r['test_at_best_val'])} ({r['best_val_epoch']})"] if with_val else []
     return [r["name"], r["method"], net_name(r), "-" if r["k"] is None else f"{r['k']:g}", r["init"],
-            f"{r['epochs_done']}/{r['epochs']}", r["status"], best, _pct(r["final_test_acc"]),
+            f"{r['epochs_done']}/{r['epochs']}", r["status"], best, _pct(r["final_test_acc"]), *at_val,
             "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}"]
 
 
 def table(rows: list[dict]) -> Table:
-    headers = ("run", "method", "net", "k", "init", "epochs", "status", "best (epoch)", "final", "s/epoch")
+    with_val = any(r["test_at_best_val"] is not None for r in rows)  # a column only where a run has a validation split
+    headers = ("run", "method", "net", "k", "init", "epochs", "status", "best (epoch)", "final",
+               *(["at best val (epoch)"] if with_val else []), "s/epoch")
     folding = ("run", "method", "net", "init")  # on a narrow terminal these wrap; the numbers never shrink to "…"
-    cells = [_cells(r) for r in rows]
+    cells = [_cells(r, with_val) for r in rows]
     t = Table(show_edge=False, pad_edge=False)
     for i, header in enumerate(headers):
         if header in folding:

@@ -38,6 +38,7 @@ class DataConfig:
     standardize: bool = True  # subtract the train mean, divide by the train std (inputs scaled to [0, 1])
     train_samples: int | None = None  # use only the first N training images (None: all)
     test_samples: int | None = None  # use only the first N test images (None: all)
+    val_samples: int = 0  # hold out N of the training images (a fixed choice, whatever the seed) to select epochs by
     crop_padding: int = 0  # augmentation: random crops of the image zero-padded by this many pixels (0: off)
     flip: bool = False  # augmentation: random horizontal flips
 
@@ -171,6 +172,9 @@ def validate(cfg: Config) -> Config:
     for key in ("train_samples", "test_samples"):
         v = getattr(d, key)
         _check(v is None or v > 0, f"data.{key}", "a positive integer or null", v)
+    _check(d.val_samples >= 0, "data.val_samples", "an integer >= 0", d.val_samples)
+    _check(d.train_samples is None or d.val_samples < d.train_samples, "data.val_samples",
+           f"fewer than data.train_samples ({d.train_samples})", d.val_samples)
     _choice("model.method", m.method, METHODS)
     _choice("model.arch", m.arch, ARCHS)
     _choice("model.k_scope", m.k_scope, K_SCOPES)

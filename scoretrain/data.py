@@ -391,6 +391,18 @@ def check_shapes(ds: Dataset, name: str, folder: Path) -> None:
             raise DataError(f"dataset {name} in {folder}: {split} labels outside 0..{classes - 1}")
 
 
+VAL_SEED = 1729  # the validation split's own seed: the same held-out images whatever the run's seed
+
+
+def validation_split(n: int, val: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) of n training images, val of them held out: the first
+    val of numpy.random.default_rng(VAL_SEED).permutation(n), so a smaller split is part of a
+    larger one. Both in increasing order."""
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(VAL_SEED).permutation(n)[:val]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def standardization(x_train: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and (population) std of uint8 images [..., C] scaled to [0, 1]: two lists
     of C floats (one each for MNIST: 0.1307, 0.3081). Computed exactly from each channel's

@@ -6,6 +6,7 @@ the header, the epoch lines and the summary, so logs stay readable.
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
+from . import store
 from .config import K_METHODS
 
 REFRESH_SECONDS = 0.25  # how often the live loss is read back (a device sync on a GPU)
@@ -26,10 +28,12 @@ def describe(cfg) -> str:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    val = "" if math.isnan(row["val_acc"]) else f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%  "
     return (f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  lr {row['lr']:.4g}  "
-            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
+            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  {val}"
             f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  "
             f"{row['epoch_seconds']:.2f} s")
+
 
 
 class Reporter:
@@ -94,6 +98,12 @@ def summary(console: Console, run_dir, run) -> None:
         rows += [
             ("final test acc", f"{100 * m['test_acc'][-1]:.2f}%  (loss {m['test_loss'][-1]:.4f})"),
             ("best test acc", f"{100 * m['test_acc'][best]:.2f}%  (epoch {m['epoch'][best]})"),
+        ]
+        chosen = store.best_by_validation(m)
+        if chosen is not None:
+            rows.append(("test acc at best val", f"{100 * m['test_acc'][chosen]:.2f}%  (epoch {m['epoch'][chosen]}, "
+                                                 f"val acc {100 * m['val_acc'][chosen]:.2f}%)"))
+        rows += [
             ("final train acc", f"{100 * m['train_acc'][-1]:.2f}%"),
             ("seconds / epoch", f"{sum(m['epoch_seconds']) / len(m['epoch_seconds']):.2f}"),
         ]

@@ -10,6 +10,7 @@ half-written one.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import secrets
@@ -36,7 +37,8 @@ FORMAT = "scoretrain-run"
 FORMAT_VERSION = 1
 RUN_FILE = "run.h5"
 CONFIG_FILE = "config.yaml"
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "mask_change")
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "mask_change", "val_loss", "val_acc")
+OPTIONAL_METRICS = ("val_loss", "val_acc")  # added in 0.2: nan in the runs written before
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")  # fullmatch: `$` would let a final newline through
 NAME_MAX = 255  # bytes in a file name, on the usual file systems
 
@@ -240,7 +242,7 @@ def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
         scores=[g["scores"][()] for g in layers] if has_scores else None,
         masks=[g["mask"][()].astype(bool) for g in layers] if has_scores and all("mask" in g for g in layers) else None,
         k=float(layers[0].attrs["k"]) if has_scores else 1.0,
-        metrics={key: f["metrics"][key][()].tolist() for key in METRICS},
+        metrics=_read_metrics(f),
         mask_change_layers=np.stack([g["mask_change"][()] for g in layers], axis=1).tolist()
         if layers and all("mask_change" in g for g in layers) else [],
     )
@@ -316,6 +318,13 @@ def edited(run_dir: Path, cfg: config_mod.Config) -> str | None:
     return "; ".join(said) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
 
 
+def best_by_validation(metrics: dict) -> int | None:
+    """The index of the epoch with the best validation accuracy (the first on ties), None where the
+    run has no validation split: the epoch a run is selected at, without looking at the test split."""
+    val = metrics.get("val_acc", [])
+    scored = [i for i, v in enumerate(val) if not math.isnan(v)]
+    return max(scored, key=val.__getitem__) if scored else None
+
 def live_status(run: Run) -> str:
     """The recorded status, except that a "running" run whose process is gone (killed with
     SIGKILL, or its machine rebooted) is reported as "interrupted"."""
@@ -338,7 +347,13 @@ def load_summary(run_dir: Path) -> Run:
 
 
 def _read_summary(f: h5py.File, path: Path) -> Run:
-    return Run(attrs=_read_attrs(f, path), weights=[], metrics={key: f["metrics"][key][()].tolist() for key in METRICS})
+    return Run(attrs=_read_attrs(f, path), weights=[], metrics=_read_metrics(f))
+
+
+def _read_metrics(f: h5py.File) -> dict[str, list]:
+    m = f["metrics"]
+    n = len(m["epoch"])
+    return {key: m[key][()].tolist() if key in m or key not in OPTIONAL_METRICS else [float("nan")] * n for key in METRICS}
 
 
 # --- resuming ---------------------------------------------------------------------------------

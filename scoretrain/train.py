@@ -38,6 +38,8 @@ class DeviceData:
     y_test: object
     mean: list[float]  # per channel, of inputs scaled to [0, 1]
     std: list[float]
+    x_val: object = None  # data.val_samples held-out training images (None: no split)
+    y_val: object = None
 
 
 def load_data(cfg: Config, backend: Backend, mean=None, std=None) -> DeviceData:
@@ -48,11 +50,18 @@ def load_data(cfg: Config, backend: Backend, mean=None, std=None) -> DeviceData:
     ds = data.load(d.name, d.root)
     x_train, y_train = ds.x_train[: d.train_samples], ds.y_train[: d.train_samples]
     x_test, y_test = ds.x_test[: d.test_samples], ds.y_test[: d.test_samples]
+    x_val = y_val = None
+    if d.val_samples:  # held out before anything else sees the training images (the standardization too)
+        if d.val_samples >= len(y_train):
+            raise ConfigError(f"data.val_samples: expected fewer than the {len(y_train):,} training images, got {d.val_samples}")
+        train_idx, val_idx = data.validation_split(len(y_train), d.val_samples)
+        x_train, y_train, x_val, y_val = x_train[train_idx], y_train[train_idx], x_train[val_idx], y_train[val_idx]
     if mean is None:
         channels = data.SHAPES[d.name][2]
         mean, std = data.standardization(x_train) if d.standardize else ([0.0] * channels, [1.0] * channels)
-    dev = lambda x: backend.asarray(data.to_float(x, mean, std))  # noqa: E731
-    return DeviceData(dev(x_train), backend.asarray(y_train), dev(x_test), backend.asarray(y_test), mean, std)
+    dev = lambda x: None if x is None else backend.asarray(data.to_float(x, mean, std))  # noqa: E731
+    return DeviceData(dev(x_train), backend.asarray(y_train), dev(x_test), backend.asarray(y_test), mean, std,
+                      dev(x_val), None if y_val is None else backend.asarray(y_val))
 
 
 def network(cfg: Config, backend: Backend, weights: list, scores: list | None) -> Network:
@@ -309,6 +318,9 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             raise Diverged(f"the {what} became nan or inf in epoch {epoch + 1} (learning rate {lr:g} too high?)")
         w_eff = net.effective_weights(train=False)
         test_loss, test_acc = evaluate(net, w_eff, dd.x_test, dd.y_test, t.eval_batch_size)
+        val_loss = val_acc = float("nan")
+        if dd.y_val is not None:
+            val_loss, val_acc = evaluate(net, w_eff, dd.x_val, dd.y_val, t.eval_batch_size)
         change = float("nan")
         if net.scores is not None:
             masks = host(net.masks)
@@ -317,7 +329,8 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             run.mask_change_layers.append([c / m.size for c, m in zip(changed, masks)])
             run.scores, run.masks = host(net.scores), masks
         row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds, mask_change=change)
+                   test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds, mask_change=change,
+                   val_loss=val_loss, val_acc=val_acc)
         for key, value in row.items():
             run.metrics[key].append(value)
         if net.scores is None:
