@@ -51,6 +51,7 @@ class ModelConfig:
     width: float = 1.0  # conv nets: multiplier of every channel count and hidden width
     k: float = 0.5  # fraction of the weights kept (edge-popup, biprop)
     k_scope: str = "layer"  # layer: k of each layer (the paper); global: k of the whole network
+    k_warmup_epochs: int = 0  # k falls geometrically from 1 to k over the first N epochs (0: k from the start)
     init: str = "signed_constant"  # weight init
     scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
     score_init: str = "kaiming_uniform"
@@ -182,6 +183,10 @@ def validate(cfg: Config) -> Config:
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
+    _check(m.k_warmup_epochs >= 0, "model.k_warmup_epochs", "an integer >= 0", m.k_warmup_epochs)
+    _check(m.k_warmup_epochs == 0 or m.method in K_METHODS, "model.k_warmup_epochs",
+           f"0 for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", m.k_warmup_epochs)
+    _check(m.k_warmup_epochs <= t.epochs, "model.k_warmup_epochs", f"at most train.epochs ({t.epochs}), so that the run reaches k", m.k_warmup_epochs)
     _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
     _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
     h, w, c, n_out = SHAPES[d.name]

@@ -29,6 +29,13 @@ def kept_count(k: float, n: int) -> int:
     return max(1, min(n, int(round(k * n))))
 
 
+def k_at(k: float, warmup_epochs: int, epoch: int) -> float:
+    """The fraction kept in epoch `epoch` (0-based) under a k warm-up (model.k_warmup_epochs):
+    k falls geometrically from 1, as biprop's prune-rate schedule, k ** ((epoch + 1) / warmup),
+    reaching k in epoch warmup - 1 and staying there; k itself without one."""
+    return k if epoch + 1 >= warmup_epochs else k ** ((epoch + 1) / warmup_epochs)
+
+
 def topk_mask(xp, a, k: int, hint=None, out=None, band: float = 0.01, keep=None):
     """A bool mask with exactly k True where |a| is largest, and the threshold used (the k-th
     largest |a|). Ties at the threshold go to the lowest flat indices, so the mask equals the
@@ -170,6 +177,9 @@ class Method:
         """Set the random stream of an epoch (a function of (seed, epoch) only, so a resumed run
         draws the same); only stochastic methods have one."""
 
+    def set_k(self, k: float) -> None:
+        """Keep the fraction k from now on (a k warm-up); only the methods that use k have one."""
+
     def effective_weights(self, net, train: bool) -> list:
         """W_eff per layer (views of net.we_flat), the masks in net.masks."""
         raise NotImplementedError
@@ -221,10 +231,13 @@ class TopK(Method):
 
     def __init__(self, net, cfg):
         self.groups = [(0, net.layer_bounds[-1][1])] if cfg.k_scope == "global" else list(net.layer_bounds)
-        self.kept = [kept_count(cfg.k, hi - lo) for lo, hi in self.groups]
+        self.set_k(cfg.k)
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
         self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
         self.fast = None  # a FusedScoreStep, where the method has one and the backend runs it
+
+    def set_k(self, k: float) -> None:
+        self.kept = [kept_count(k, hi - lo) for lo, hi in self.groups]  # the hints stay good: they only speed it up
 
     def select(self, net, with_w_eff: bool) -> None:
         """The masks (and, `with_w_eff`, W * M in the same pass) of the current scores."""

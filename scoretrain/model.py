@@ -286,6 +286,10 @@ class Network:
         epoch) only, so a resumed run draws the same."""
         self.method.reseed(self, seed, epoch)
 
+    def set_k(self, k: float) -> None:
+        """The fraction of weights kept from now on (the k warm-up's epochs)."""
+        self.method.set_k(k)
+
     def effective_weights(self, train: bool = True) -> list:
         """W_eff per layer (views of one buffer); the masks are kept in self.masks."""
         return self.method.effective_weights(self, train)

@@ -26,7 +26,7 @@ from . import data, optim, store
 from .backend import Backend, fused
 from .config import Config, dump
 from .errors import ConfigError, RunError
-from .methods import METHODS
+from .methods import METHODS, k_at
 from .model import Network, build_layers, cross_entropy, init_network
 
 
@@ -277,6 +277,13 @@ def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):
     return net, opt
 
 
+def enter_epoch(net: Network, cfg: Config, epoch: int) -> None:
+    """What the network's method makes of an epoch (0-based): its random stream (supermask's
+    samples) and its fraction k (the k warm-up), both functions of (seed, epoch) alone."""
+    net.reseed(cfg.seed, epoch)
+    net.set_k(k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch))
+
+
 def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop) -> None:
     xp, t, d = backend.xp, cfg.train, cfg.data
     n = len(dd.y_train)
@@ -284,7 +291,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
     augmenting = d.crop_padding > 0 or d.flip
     host = lambda arrs: None if arrs is None else [backend.to_host(a) for a in arrs]  # noqa: E731
     if net.scores is not None and run.masks is None:  # the starting masks, that mask_change counts from
-        net.reseed(cfg.seed, 0)
+        enter_epoch(net, cfg, 0)
         net.effective_weights(train=False)
         run.masks = host(net.masks)
     for epoch in range(run.epochs_done, t.epochs):
@@ -293,7 +300,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it.
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
-        net.reseed(cfg.seed, epoch)
+        enter_epoch(net, cfg, epoch)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()
