@@ -45,13 +45,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "edge-popup"  # edge-popup | biprop | supermask: learn scores, weights frozen; dense: learn the weights
+    method: str = "edge-popup"  # edge-popup | biprop | supermask | iterand: learn scores; dense: learn the weights
     arch: str = "mlp"  # mlp (layer widths from `widths`), lenet, conv2, conv4, conv6, conv8
     widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])  # mlp: inputs, hidden..., classes
     width: float = 1.0  # conv nets: multiplier of every channel count and hidden width
     k: float = 0.5  # fraction of the weights kept (edge-popup, biprop)
     k_scope: str = "layer"  # layer: k of each layer (the paper); global: k of the whole network
     k_warmup_epochs: int = 0  # k falls geometrically from 1 to k over the first N epochs (0: k from the start)
+    rerand_freq: int = 300  # iterand: redraw pruned weights every N optimizer steps
+    rerand_rate: float = 0.1  # iterand: each pruned weight is redrawn with this probability
     init: str = "signed_constant"  # weight init
     scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
     score_init: str = "kaiming_uniform"
@@ -183,6 +185,8 @@ def validate(cfg: Config) -> Config:
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
+    _check(m.rerand_freq > 0, "model.rerand_freq", "a positive integer", m.rerand_freq)
+    _check(0 < m.rerand_rate <= 1, "model.rerand_rate", "a probability in (0, 1]", m.rerand_rate)
     _check(m.k_warmup_epochs >= 0, "model.k_warmup_epochs", "an integer >= 0", m.k_warmup_epochs)
     _check(m.k_warmup_epochs == 0 or m.method in K_METHODS, "model.k_warmup_epochs",
            f"0 for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", m.k_warmup_epochs)

@@ -169,6 +169,7 @@ class Method:
     name = ""
     learns = "scores"
     uses_k = False
+    changes_weights = False  # the weights change during training (and are stored at every checkpoint)
 
     def __init__(self, net, cfg):
         pass
@@ -211,7 +212,7 @@ def masked(net) -> list:
 class Dense(Method):
     """The ordinary network: W itself is trained."""
 
-    name, learns = "dense", "weights"
+    name, learns, changes_weights = "dense", "weights", True
 
     def effective_weights(self, net, train: bool) -> list:
         return net.weights
@@ -344,5 +345,34 @@ class Supermask(Method):
         g *= 1 - p
 
 
-METHODS = {m.name: m for m in (EdgePopup, Dense, Supermask, Biprop)}
+class IteRand(EdgePopup):
+    """Chijiwa et al. 2021 (IteRand): edge-popup, and every `rerand_freq` optimizer steps each
+    pruned weight is redrawn from the weights' init with probability `rerand_rate` (the paper's
+    Bernoulli mode). The draws come from numpy.random.default_rng([seed, step, 4]) on the host,
+    so a resumed run redraws the same; kept weights never change, so neither does W_eff."""
+
+    name, changes_weights = "iterand", True
+
+    def __init__(self, net, cfg):
+        super().__init__(net, cfg)
+        self.freq, self.rate, self.seed = cfg.rerand_freq, cfg.rerand_rate, 0
+
+    def reseed(self, net, seed: int, epoch: int) -> None:
+        self.seed = seed
+
+    def update(self, net, opt, lr: float) -> None:
+        super().update(net, opt, lr)
+        if opt.steps % self.freq == 0:
+            self.rerandomize(net, opt.steps)
+
+    def rerandomize(self, net, step: int) -> None:
+        self.select(net, with_w_eff=True)  # the exact masks of the updated scores: which weights are pruned
+        rng = np.random.default_rng([self.seed, step, 4])
+        for i, (lo, hi) in enumerate(net.layer_bounds):
+            fresh, redraw = net.draw(rng, i).ravel(), rng.random(hi - lo, dtype=np.float32) < self.rate
+            pruned = net.xp.asarray(redraw) & ~net.m_flat[lo:hi]
+            net.w_flat[lo:hi] = net.xp.where(pruned, net.xp.asarray(fresh), net.w_flat[lo:hi])
+
+
+METHODS = {m.name: m for m in (EdgePopup, Dense, Supermask, Biprop, IteRand)}
 K_METHODS = tuple(name for name, m in METHODS.items() if m.uses_k)  # the methods that keep a fixed fraction k

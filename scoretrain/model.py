@@ -203,22 +203,25 @@ def build_layers(xp, cfg: ModelConfig, image_shape: tuple[int, int, int], n_clas
 # --- initialization (on the host, so a seed gives the same network on every backend) ----------
 
 
+def draw_weights(rng: np.random.Generator, cfg: ModelConfig, layer) -> np.ndarray:
+    """A weight layer's random weights, float32, as cfg.init says (and IteRand redraws them)."""
+    fan = layer.fan_in * cfg.k if cfg.scale_fan else layer.fan_in
+    std = RELU_GAIN / math.sqrt(fan)
+    if cfg.init == "signed_constant":
+        w = np.where(rng.random(layer.shape) < 0.5, -std, std)
+    elif cfg.init == "kaiming_normal":
+        w = rng.standard_normal(layer.shape) * std
+    else:  # kaiming_uniform
+        w = rng.uniform(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, layer.shape)
+    return w.astype(np.float32)
+
+
 def init_network(cfg: ModelConfig, seed: int, image_shape=(28, 28, 1), n_classes: int = 10):
     """Host float32 weights (and scores, for the methods that learn them) for a seed. The
     weights are drawn first, so every method of one seed starts from the same random network."""
     rng = np.random.default_rng(seed)
     weighted = [l for l in build_layers(np, cfg, image_shape, n_classes) if hasattr(l, "shape")]
-    weights = []
-    for layer in weighted:
-        fan = layer.fan_in * cfg.k if cfg.scale_fan else layer.fan_in
-        std = RELU_GAIN / math.sqrt(fan)
-        if cfg.init == "signed_constant":
-            w = np.where(rng.random(layer.shape) < 0.5, -std, std)
-        elif cfg.init == "kaiming_normal":
-            w = rng.standard_normal(layer.shape) * std
-        else:  # kaiming_uniform
-            w = rng.uniform(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, layer.shape)
-        weights.append(w.astype(np.float32))
+    weights = [draw_weights(rng, cfg, layer) for layer in weighted]
     if METHODS[cfg.method].learns == "weights":
         return weights, None
     scores = []
@@ -274,6 +277,8 @@ class Network:
             self.we_flat = xp.empty_like(self.w_flat)
             self.w_eff = _views(self.we_flat, shapes)
             self.tmp = xp.empty_like(self.w_flat)
+        # fresh random weights of weight layer i, for the methods that redraw some (IteRand)
+        self.draw = lambda rng, i: draw_weights(rng, cfg, self.layers[self.weighted[i]])
         self.method = METHODS[cfg.method](self, cfg)
 
     @property

@@ -340,7 +340,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
                    val_loss=val_loss, val_acc=val_acc)
         for key, value in row.items():
             run.metrics[key].append(value)
-        if net.scores is None:
+        if net.method.changes_weights:  # dense trains them, IteRand redraws the pruned ones
             run.weights = host(net.weights)
         run.optimizer = {"name": t.optimizer, "steps": opt.steps,
                          "slots": {s: host(v) for s, v in opt.state.items()}}

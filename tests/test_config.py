@@ -57,7 +57,7 @@ def test_resolved_spec_round_trips_through_yaml(tmp_path):
         ("model.widths=[100,250,10]", "model.widths[0]: expected 784 (the inputs of mnist), got 100"),
         ("model.widths=[784,250,9]", "model.widths[-1]: expected 10 (the classes of mnist), got 9"),
         ("model.widths=[784,a,10]", "model.widths[1]: expected an integer, got 'a'"),
-        ("model.method=lottery", "model.method: expected one of edge-popup, dense, supermask, biprop, got 'lottery'"),
+        ("model.method=lottery", "model.method: expected one of edge-popup, dense, supermask, biprop, iterand, got 'lottery'"),
         ("model.arch=resnet", "model.arch: expected one of mlp, lenet, conv2, conv4, conv6, conv8, got 'resnet'"),
         ("model.k_scope=net", "model.k_scope: expected one of layer, global, got 'net'"),
         ("train.schedule=linear", "train.schedule: expected one of cosine, constant, step, got 'linear'"),

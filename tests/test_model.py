@@ -284,7 +284,7 @@ def test_dense_weight_gradients_match_finite_differences(arch):
         np.testing.assert_allclose(grads[layer], numeric_grad(net, w_eff, x, y, layer), rtol=1e-5, atol=1e-7, err_msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("method", ["edge-popup", "biprop", "supermask"])
+@pytest.mark.parametrize("method", ["edge-popup", "biprop", "supermask", "iterand"])
 @pytest.mark.parametrize("arch", ["mlp", "conv2"])
 def test_score_gradient_is_straight_through_the_mask(method, arch):
     """dL/dS = dL/dW_eff * dW_eff/dS with the mask's derivative taken as the identity; dL/dW_eff
@@ -294,7 +294,7 @@ def test_score_gradient_is_straight_through_the_mask(method, arch):
     for layer in range(len(w_eff)):
         w, s = net.weights[layer], net.scores[layer]
         num = numeric_grad(net, w_eff, x, y, layer)
-        if method == "edge-popup":
+        if method in ("edge-popup", "iterand"):
             through = w * np.sign(s)
         elif method == "biprop":
             through = net.method.alphas[layer] * np.sign(w) * np.sign(s)
