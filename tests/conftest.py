@@ -4,6 +4,7 @@ download mirrors."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -231,3 +232,17 @@ def resume(run_dir, *flags):
     return result
 
 
+
+
+def stopped_run(tmp_path, small, *extra, after: int = 1) -> Path:
+    """runs/r of fit (the sgd variant with `extra` overrides) stopped by SIGTERM right after the
+    checkpoint of epoch `after`, in a real process: an interrupted run to resume."""
+    run_dir = tmp_path / "runs" / "r"
+    proc = start(tmp_path, ["fit", FC, *args_of(small, "sgd", *extra), "--runs-dir", str(tmp_path / "runs"), "--name", "r"],
+                 pause=f"epoch {after}")
+    wait_paused(proc, tmp_path, run_dir, after)
+    proc.send_signal(signal.SIGTERM)
+    (tmp_path / "go").touch()
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143
+    return run_dir

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FC, TIMEOUT, args_of, assert_identical, start, wait_paused
+from conftest import FC, TIMEOUT, args_of, assert_identical, start, stopped_run, wait_paused
 from scoretrain import store
 from scoretrain.cli import app
 
@@ -372,14 +372,7 @@ def test_an_older_run_without_config_yaml_is_the_same_error_for_every_reader(don
 @pytest.fixture
 def interrupted(tmp_path, small):
     """A run stopped by SIGTERM after epoch 1 of 4: runs/r."""
-    run_dir = tmp_path / "runs" / "r"
-    proc = start(tmp_path, ["fit", FC, *args_of(small, "sgd"), "--runs-dir", str(tmp_path / "runs"), "--name", "r"], pause="epoch 1")
-    wait_paused(proc, tmp_path, run_dir, 1)
-    proc.send_signal(signal.SIGTERM)
-    (tmp_path / "go").touch()
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 143
-    return run_dir
+    return stopped_run(tmp_path, small)
 
 
 @pytest.mark.parametrize("change,fragment", [

@@ -2,12 +2,11 @@
 every rerand_freq optimizer steps, each with probability rerand_rate. The draws follow from
 (seed, step) alone, so the CPU, the CuPy code path and a resumed run redraw the same."""
 
-import signal
 
 import numpy as np
 import pytest
 
-from conftest import FC, TIMEOUT, args_of, assert_identical, start, wait_paused
+from conftest import FC, assert_identical, stopped_run
 from scoretrain import optim, store
 from scoretrain.config import ModelConfig, TrainConfig
 from scoretrain.model import Network, init_network
@@ -89,13 +88,7 @@ def test_an_iterand_run_stores_its_weights_and_resumes_bit_identically(tmp_path,
     from scoretrain.cli import app
 
     extra = ("model.method=iterand", "model.rerand_freq=7")
-    run_dir = tmp_path / "runs" / "r"
-    proc = start(tmp_path, ["fit", FC, *args_of(small, "sgd", *extra), "--runs-dir", str(tmp_path / "runs"), "--name", "r"], pause="epoch 1")
-    wait_paused(proc, tmp_path, run_dir, 1)
-    proc.send_signal(signal.SIGTERM)
-    (tmp_path / "go").touch()
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 143
+    run_dir = stopped_run(tmp_path, small, *extra)
     w0, _ = init_network(ModelConfig(method="iterand", widths=[784, 64, 10]), 0)
     assert any(not np.array_equal(a, b) for a, b in zip(store.load(run_dir).weights, w0))  # epoch 1's redraws are stored
     assert CliRunner().invoke(app, ["fit", "--resume", str(run_dir), "-q"]).exit_code == 0

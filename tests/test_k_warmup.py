@@ -3,12 +3,11 @@ the first epochs, exactly round(k_e * n) weights in epoch e, a function of the e
 interrupted run reads, evaluates and resumes exactly."""
 
 import json
-import signal
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FC, TIMEOUT, args_of, assert_identical, start, wait_paused
+from conftest import FC, assert_identical, stopped_run
 from scoretrain import store
 from scoretrain.cli import app
 from scoretrain.methods import k_at, kept_count
@@ -29,13 +28,7 @@ def test_k_falls_geometrically_to_k_and_stays():
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_an_interrupted_warm_up_keeps_its_epochs_k_and_resumes_exactly(tmp_path, small, reference, scope):
     extra = (*WARM, f"model.k_scope={scope}")
-    run_dir = tmp_path / "runs" / "r"
-    proc = start(tmp_path, ["fit", FC, *args_of(small, "sgd", *extra), "--runs-dir", str(tmp_path / "runs"), "--name", "r"], pause="epoch 1")
-    wait_paused(proc, tmp_path, run_dir, 1)
-    proc.send_signal(signal.SIGTERM)
-    (tmp_path / "go").touch()
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 143
+    run_dir = stopped_run(tmp_path, small, *extra)
     run = store.load(run_dir)
     sizes = [m.size for m in run.masks]
     expected = ([kept_count(k_at(0.1, 3, 0), n) for n in sizes] if scope == "layer" else [kept_count(k_at(0.1, 3, 0), sum(sizes))])

@@ -5,14 +5,13 @@ nothing)."""
 
 import json
 import math
-import signal
 
 import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FC, TIMEOUT, args_of, assert_identical, start, wait_paused
+from conftest import FC, assert_identical, stopped_run
 from scoretrain import config, data, store, train
 from scoretrain.backend import Backend
 from scoretrain.cli import app
@@ -95,14 +94,7 @@ def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path, small, ove
 
 
 def test_a_run_with_a_split_resumes_bit_identically(tmp_path, small, reference):
-    run_dir = tmp_path / "runs" / "r"
-    proc = start(tmp_path, ["fit", FC, *args_of(small, "sgd", "data.val_samples=300"), "--runs-dir", str(tmp_path / "runs"),
-                            "--name", "r"], pause="epoch 2")
-    wait_paused(proc, tmp_path, run_dir, 2)
-    proc.send_signal(signal.SIGTERM)
-    (tmp_path / "go").touch()
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 143
+    run_dir = stopped_run(tmp_path, small, "data.val_samples=300", after=2)
     assert cli("fit", "--resume", run_dir, "-q").exit_code == 0
     assert_identical(run_dir, reference("sgd", "data.val_samples=300"))
     assert not math.isnan(store.load(run_dir).metrics["val_acc"][-1])
