@@ -26,6 +26,7 @@ ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8")
 K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
 SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
+GRANULARITIES = ("weight", "kernel", "filter")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "step")
 DATASETS = tuple(SHAPES)
@@ -57,6 +58,7 @@ class ModelConfig:
     init: str = "signed_constant"  # weight init
     scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
     score_init: str = "kaiming_uniform"
+    score_granularity: str = "weight"  # weight | kernel (conv: one score per (out, in) kernel) | filter (per output filter or unit)
 
 
 @dataclass
@@ -184,6 +186,9 @@ def validate(cfg: Config) -> Config:
     _check(m.width > 0, "model.width", "a positive number", m.width)
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
+    _choice("model.score_granularity", m.score_granularity, GRANULARITIES)
+    _check(m.score_granularity == "weight" or m.method in K_METHODS, "model.score_granularity",
+           f"weight for {m.method} (units are for the top-k methods: {', '.join(K_METHODS)})", m.score_granularity)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
     _check(m.rerand_freq > 0, "model.rerand_freq", "a positive integer", m.rerand_freq)
     _check(0 < m.rerand_rate <= 1, "model.rerand_rate", "a probability in (0, 1]", m.rerand_rate)

@@ -29,6 +29,13 @@ def _stats(a: np.ndarray) -> dict | None:
     return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
 
 
+def unit_mask(mask: np.ndarray, shape: tuple) -> np.ndarray:
+    """The mask of a layer's score units (model.score_granularity) from its weights' mask: a
+    unit is kept with all the weights it covers."""
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and mask.shape[i] != 1)
+    return mask.all(axis=axes, keepdims=True) if axes else mask
+
+
 def _movement(per_epoch: list[float]) -> dict | None:
     """The first and last epoch's mask change, and the total: their sum over all epochs (how much
     the mask churned, which can exceed 1; not how far the final mask is from the initial one)."""
@@ -52,10 +59,12 @@ def inspect(run_dir: Path) -> dict:
             layer["scores"] = _stats(run.scores[i])
         if masked:
             m, s = run.masks[i], np.abs(run.scores[i])
+            units = unit_mask(m, s.shape)
             layer.update(
+                score_units=int(s.size),
                 kept=float(m.mean()),
                 mask_change=_movement([row[i] for row in run.mask_change_layers]),
-                abs_scores_kept=_stats(s[m]), abs_scores_pruned=_stats(s[~m]),
+                abs_scores_kept=_stats(s[units]), abs_scores_pruned=_stats(s[~units]),
                 # biprop uses alpha * sign(W) with alpha > 0: the sign is W's here too
                 kept_positive=float((w[m] > 0).mean()) if m.any() else None,
             )
@@ -66,7 +75,8 @@ def inspect(run_dir: Path) -> dict:
         "widths": list(model.widths) if model.arch == "mlp" else None, "width": None if model.arch == "mlp" else model.width,
         "k": model.k if model.method in K_METHODS else None,
         "k_scope": model.k_scope if model.method in K_METHODS else None,
-        "init": model.init, "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
+        "init": model.init, "score_granularity": model.score_granularity if run.scores is not None else None,
+        "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
         "kept": float(sum(m.sum() for m in run.masks) / sum(m.size for m in run.masks)) if masked else None,
         "mask_change": _movement(run.metrics["mask_change"]) if masked else None,
         "layers": layers,
@@ -92,6 +102,8 @@ def header(r: dict) -> str:
     what = [r["method"], net_name(r), r["init"]]
     if r["k"] is not None:
         what.append(f"k={r['k']:g}" + (" (global)" if r["k_scope"] == "global" else ""))
+    if r["score_granularity"] not in (None, "weight"):
+        what.append(f"one score per {r['score_granularity']}")
     line = f"{r['run']}: {' '.join(what)}, {r['status']}, {r['epochs_done']} epochs, test acc {_pct(r['test_acc'])}"
     if r["kept"] is not None:
         line += (f"\nkept {_pct(r['kept'])} of the weights; the mask moved {_moved(r['mask_change'])} "

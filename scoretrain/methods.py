@@ -196,7 +196,7 @@ class Method:
     def update(self, net, opt, lr: float) -> None:
         """The optimizer's step on what is learned, from backward's dL/dW_eff."""
         self.gradient(net)
-        opt.step(net.params, [net.g_flat], lr)
+        opt.step(net.params, [net.sg_flat], lr)
 
 
 def masked(net) -> list:
@@ -231,7 +231,7 @@ class TopK(Method):
     uses_k = True
 
     def __init__(self, net, cfg):
-        self.groups = [(0, net.layer_bounds[-1][1])] if cfg.k_scope == "global" else list(net.layer_bounds)
+        self.groups = [(0, net.score_bounds[-1][1])] if cfg.k_scope == "global" else list(net.score_bounds)
         self.set_k(cfg.k)
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
         self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
@@ -241,7 +241,8 @@ class TopK(Method):
         self.kept = [kept_count(k, hi - lo) for lo, hi in self.groups]  # the hints stay good: they only speed it up
 
     def select(self, net, with_w_eff: bool) -> None:
-        """The masks (and, `with_w_eff`, W * M in the same pass) of the current scores."""
+        """The masks (and, `with_w_eff`, W * M in the same pass) of the current scores: the top-k
+        of the scores' units (each weight, or each kernel or filter), then the weights' masks."""
         xp = net.xp
         swept = self.fast.swept() if self.fast else [(-1, -1)] * len(self.groups)
         for g, (lo, hi) in enumerate(self.groups):
@@ -249,13 +250,25 @@ class TopK(Method):
             if hint and above < k <= above + found:  # the last update swept the scores, and the band holds the k-th
                 t = self.fast.settle(net, g, lo, hi, k, above, found)
             else:
-                keep = (net.w_flat[lo:hi], net.we_flat[lo:hi]) if with_w_eff else None
-                _, t = topk_mask(xp, net.s_flat[lo:hi], k, hint, net.m_flat[lo:hi], self.bands[g], keep)
+                keep = (net.w_flat[lo:hi], net.we_flat[lo:hi]) if with_w_eff and not net.granular else None
+                _, t = topk_mask(xp, net.s_flat[lo:hi], k, hint, net.u_flat[lo:hi], self.bands[g], keep)
             if xp is np and hint and t:  # the next band (CPU): a few times this step's move
                 self.bands[g] = min(0.1, max(1e-3, 4 * abs(float(t) / float(hint) - 1)))
             self.thresholds[g] = t
         if self.fast:
             self.fast.used()
+        if net.granular:
+            net.expand_masks()
+            if with_w_eff:
+                masked(net)
+
+    def through(self, net, w) -> None:
+        """net.sg_flat = dL/dS through W_eff = w * |S| (broadcast over each score's weights)."""
+        if not net.granular:
+            straight_through(net.xp, net.g_flat, w, net.s_flat, net.tmp)
+            return
+        net.sum_units(net.xp.multiply(net.g_flat, w, out=net.tmp))
+        times_sign(net.xp, net.sg_flat, net.s_flat, net.u_tmp)
 
 
 class EdgePopup(TopK):
@@ -265,7 +278,7 @@ class EdgePopup(TopK):
 
     def __init__(self, net, cfg):
         super().__init__(net, cfg)
-        if net.xp is np and fused(np, net.s_flat):
+        if net.xp is np and not net.granular and fused(np, net.s_flat):
             self.fast = FusedScoreStep(net, self.groups)
 
     def effective_weights(self, net, train: bool) -> list:
@@ -273,7 +286,7 @@ class EdgePopup(TopK):
         return net.w_eff
 
     def gradient(self, net) -> None:
-        straight_through(net.xp, net.g_flat, net.w_flat, net.s_flat, net.tmp)
+        self.through(net, net.w_flat)
 
     def update(self, net, opt, lr: float) -> None:
         if self.fast is None:
@@ -306,9 +319,9 @@ class Biprop(TopK):
         return net.w_eff
 
     def gradient(self, net) -> None:
-        straight_through(net.xp, net.g_flat, self.w_sign, net.s_flat, net.tmp)
-        for i, (lo, hi) in enumerate(net.layer_bounds):
-            net.g_flat[lo:hi] *= self.alphas[i]
+        self.through(net, self.w_sign)
+        for i, (lo, hi) in enumerate(net.score_bounds):
+            net.sg_flat[lo:hi] *= self.alphas[i]
 
 
 class Supermask(Method):

@@ -226,13 +226,26 @@ def init_network(cfg: ModelConfig, seed: int, image_shape=(28, 28, 1), n_classes
         return weights, None
     scores = []
     for layer in weighted:
+        shape = score_shape(layer.shape, cfg.score_granularity)
         if cfg.score_init == "kaiming_uniform":  # PyTorch's default layer init, as the reference code
             bound = 1.0 / math.sqrt(layer.fan_in)
-            s = rng.uniform(-bound, bound, layer.shape)
+            s = rng.uniform(-bound, bound, shape)
         else:  # kaiming_normal
-            s = rng.standard_normal(layer.shape) * (RELU_GAIN / math.sqrt(layer.fan_in))
+            s = rng.standard_normal(shape) * (RELU_GAIN / math.sqrt(layer.fan_in))
         scores.append(s.astype(np.float32))
     return weights, scores
+
+
+def score_shape(shape: tuple, granularity: str) -> tuple:
+    """The shape of a weight layer's scores (model.score_granularity): one score per weight
+    (`weight`), per (out, in) kernel of a conv [out, 1, 1, in] (`kernel`; a linear layer's
+    kernels are its weights), or per output filter or unit [out, 1, ...] (`filter`). A score
+    covers the weights it broadcasts over."""
+    if granularity == "weight" or granularity == "kernel" and len(shape) == 2:
+        return tuple(shape)
+    if granularity == "kernel":
+        return (shape[0], 1, 1, shape[3])
+    return (shape[0],) + (1,) * (len(shape) - 1)
 
 
 # --- the network ------------------------------------------------------------------------------
@@ -269,22 +282,44 @@ class Network:
         self.g_flat = xp.empty_like(self.w_flat)
         self.grads = _views(self.g_flat, shapes)
         self.scores = self.masks = None
+        self.granular = cfg.score_granularity != "weight" and scores is not None  # a score covers several weights
+        self.score_bounds = self.layer_bounds
+        self.sg_flat, self.score_grads = self.g_flat, self.grads  # the learned tensor's gradient
         if scores is not None:
             self.s_flat = flat(scores)
-            self.scores = _views(self.s_flat, shapes)
+            self.scores = _views(self.s_flat, [s.shape for s in scores])
             self.m_flat = xp.empty(self.w_flat.shape, dtype=bool)
             self.masks = _views(self.m_flat, shapes)
             self.we_flat = xp.empty_like(self.w_flat)
             self.w_eff = _views(self.we_flat, shapes)
             self.tmp = xp.empty_like(self.w_flat)
+            self.u_flat, self.u_tmp = self.m_flat, self.tmp  # the masks of the scores' units, and their scratch
+        if self.granular:
+            ends = np.cumsum([s.size for s in self.scores]).tolist()
+            self.score_bounds = list(zip([0] + ends[:-1], ends))
+            self.u_flat, self.u_tmp = xp.empty(self.s_flat.shape, dtype=bool), xp.empty_like(self.s_flat)
+            self.unit_masks = _views(self.u_flat, [s.shape for s in self.scores])
+            self.sg_flat = xp.empty_like(self.s_flat)
+            self.score_grads = _views(self.sg_flat, [s.shape for s in self.scores])
         # fresh random weights of weight layer i, for the methods that redraw some (IteRand)
         self.draw = lambda rng, i: draw_weights(rng, cfg, self.layers[self.weighted[i]])
         self.method = METHODS[cfg.method](self, cfg)
 
     @property
     def params(self) -> list:
-        """What the optimizer updates: one flat tensor."""
+        """What the optimizer updates: one flat tensor (its gradient: sg_flat)."""
         return [self.s_flat if self.method.learns == "scores" else self.w_flat]
+
+    def expand_masks(self) -> None:
+        """The weights' masks from their units' (score_granularity kernel or filter)."""
+        for m, u in zip(self.masks, self.unit_masks):
+            m[...] = u
+
+    def sum_units(self, values) -> None:
+        """sg_flat = the sum of weight-shaped `values` (flat) over each score's weights."""
+        for (lo, hi), m, g in zip(self.layer_bounds, self.masks, self.score_grads):
+            v = values[lo:hi].reshape(m.shape)
+            v.sum(axis=tuple(i for i, n in enumerate(g.shape) if n == 1 and m.shape[i] != 1), keepdims=True, out=g)
 
     def reseed(self, seed: int, epoch: int) -> None:
         """The method's random stream for an epoch (supermask's samples): a function of (seed,
@@ -335,9 +370,9 @@ class Network:
         self.method.update(self, opt, lr)
 
     def learned_gradient(self) -> list:
-        """dL/dW_eff (backward's) -> dL/d(learned tensor), in place: the gradients of `params`."""
+        """dL/dW_eff (backward's) -> dL/d(learned tensor): the gradients of `params` (sg_flat)."""
         self.method.gradient(self)
-        return [self.g_flat]
+        return [self.sg_flat]
 
 
 def cross_entropy(xp, logits, y, grad: bool = True):

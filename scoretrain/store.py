@@ -26,7 +26,7 @@ from . import config as config_mod
 from .data import SHAPES
 from .errors import ConfigError, RunError
 from .methods import METHODS
-from .model import build_layers
+from .model import build_layers, score_shape
 
 try:
     import fcntl
@@ -291,6 +291,8 @@ def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
         problem = f"its layers are {_shapes(shapes)}, run.h5 holds {_shapes(found)}"
     elif (run.scores is None) != (METHODS[cfg.model.method].learns == "weights"):
         problem = f"model.method is {cfg.model.method}, but run.h5 {'holds' if run.scores is not None else 'has no'} scores"
+    elif run.scores is not None and [s.shape for s in run.scores] != [score_shape(x, cfg.model.score_granularity) for x in shapes]:
+        problem = f"model.score_granularity is {cfg.model.score_granularity}, run.h5's scores are {_shapes([s.shape for s in run.scores])}"
     elif run.scores is not None and run.k != cfg.model.k:
         problem = f"model.k is {cfg.model.k:g}, run.h5's masks keep {run.k:g}"
     if problem:

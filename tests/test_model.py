@@ -221,15 +221,15 @@ def test_conv_architectures_have_the_papers_shapes():
 # --- gradients against finite differences ------------------------------------------------------
 
 
-def problem(method, arch="mlp", seed=0):
+def problem(method, arch="mlp", seed=0, granularity="weight"):
     """A tiny float64 network and batch: an MLP, or a conv net on 8x8 two-channel images."""
     rng = np.random.default_rng(seed)
     if arch == "mlp":
-        cfg, image = ModelConfig(method=method, widths=[12, 32, 32, 3], k=0.5, init="kaiming_normal"), (1, 12, 1)
+        cfg, image = ModelConfig(method=method, widths=[12, 32, 32, 3], k=0.5, init="kaiming_normal", score_granularity=granularity), (1, 12, 1)
     else:
         # Wide enough that every unit keeps some weights, so no pre-activation sits exactly
         # on the ReLU kink at 0, where a finite difference sees only half the slope
-        cfg, image = ModelConfig(method=method, arch=arch, width=0.1, k=0.5, init="kaiming_normal"), (8, 8, 2)
+        cfg, image = ModelConfig(method=method, arch=arch, width=0.1, k=0.5, init="kaiming_normal", score_granularity=granularity), (8, 8, 2)
     w, s = init_network(cfg, seed, image, 3)
     net = Network(np, cfg, [a.astype(np.float64) for a in w], None if s is None else [a.astype(np.float64) for a in s], image, 3)
     x = rng.standard_normal((5, *image))
