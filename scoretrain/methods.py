@@ -190,7 +190,8 @@ class Method:
         return masked(net)
 
     def gradient(self, net) -> None:
-        """net.g_flat: dL/dW_eff -> dL/d(learned tensor), in place."""
+        """backward's dL/dW_eff (net.g_flat) -> dL/d(learned tensor), into net.sg_flat (which is
+        net.g_flat itself, updated in place, unless scores cover several weights)."""
         raise NotImplementedError
 
     def update(self, net, opt, lr: float) -> None:
