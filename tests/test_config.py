@@ -101,3 +101,21 @@ def test_missing_and_non_mapping_files(tmp_path):
     section = tmp_path / "section.yaml"
     section.write_text("model: 3\n")
     assert "model: expected a mapping of keys, got 3" in error_of([], section)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_a_valid_spec(path):
+    config.load(path)
+
+
+def test_the_low_density_config_keeps_10036_of_266200_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from scoretrain import store
+    from scoretrain.cli import app
+
+    args = ["data.train_samples=500", "data.test_samples=200", "train.epochs=1", "model.k_warmup_epochs=1", "device=cpu"]
+    result = CliRunner().invoke(app, ["fit", str(ROOT / "configs/mnist_low_density.yaml"), *args, "--runs-dir", str(tmp_path), "--name", "d", "-q"])
+    assert result.exit_code == 0, result.output
+    run = store.load(tmp_path / "d")
+    assert sum(w.size for w in run.weights) == 266_200 and sum(int(m.sum()) for m in run.masks) == 10_036
