@@ -58,6 +58,8 @@ class ModelConfig:
     init: str = "signed_constant"  # weight init
     scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
     score_init: str = "kaiming_uniform"
+    dense_first: bool = False  # the first weight layer keeps all its random weights (top-k methods)
+    dense_last: bool = False  # the last weight layer keeps all its random weights (top-k methods)
     score_granularity: str = "weight"  # weight | kernel (conv: one score per (out, in) kernel) | filter (per output filter or unit)
 
 
@@ -190,6 +192,8 @@ def validate(cfg: Config) -> Config:
     _check(m.score_granularity == "weight" or m.method in K_METHODS, "model.score_granularity",
            f"weight for {m.method} (units are for the top-k methods: {', '.join(K_METHODS)})", m.score_granularity)
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
+    for key in ("dense_first", "dense_last"):
+        _check(not getattr(m, key) or m.method in K_METHODS, f"model.{key}", f"false for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", getattr(m, key))
     _check(m.rerand_freq > 0, "model.rerand_freq", "a positive integer", m.rerand_freq)
     _check(0 < m.rerand_rate <= 1, "model.rerand_rate", "a probability in (0, 1]", m.rerand_rate)
     _check(m.k_warmup_epochs >= 0, "model.k_warmup_epochs", "an integer >= 0", m.k_warmup_epochs)

@@ -232,14 +232,25 @@ class TopK(Method):
     uses_k = True
 
     def __init__(self, net, cfg):
-        self.groups = [(0, net.score_bounds[-1][1])] if cfg.k_scope == "global" else list(net.score_bounds)
+        # (span of the flat scores, whether it keeps every weight): model.dense_first / dense_last
+        # make those layers groups of their own that keep all; a global k spans the layers between
+        bounds = net.score_bounds
+        whole = {i for i, on in ((0, cfg.dense_first), (len(bounds) - 1, cfg.dense_last)) if on}
+        pruned = [b for i, b in enumerate(bounds) if i not in whole]
+        if cfg.k_scope == "global" and pruned:
+            spans = [(bounds[i], True) for i in whole] + [((pruned[0][0], pruned[-1][1]), False)]
+        else:
+            spans = [(b, i in whole) for i, b in enumerate(bounds)]
+        spans.sort()
+        self.groups, self.dense_groups = [b for b, _ in spans], [d for _, d in spans]
         self.set_k(cfg.k)
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
         self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
         self.fast = None  # a FusedScoreStep, where the method has one and the backend runs it
 
     def set_k(self, k: float) -> None:
-        self.kept = [kept_count(k, hi - lo) for lo, hi in self.groups]  # the hints stay good: they only speed it up
+        self.kept = [hi - lo if dense else kept_count(k, hi - lo)  # the hints stay good: they only speed it up
+                     for (lo, hi), dense in zip(self.groups, self.dense_groups)]
 
     def select(self, net, with_w_eff: bool) -> None:
         """The masks (and, `with_w_eff`, W * M in the same pass) of the current scores: the top-k

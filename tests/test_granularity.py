@@ -108,3 +108,36 @@ def test_a_per_unit_run_reads_evaluates_and_resumes_exactly(tmp_path, small, ref
 def test_granularity_that_cannot_apply_is_refused(tmp_path, small, overrides, fragment):
     result = runner.invoke(app, ["fit", FC, *small, *overrides, "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and fragment in result.stderr, result.output
+
+
+@pytest.mark.parametrize("k_scope", ["layer", "global"])
+@pytest.mark.parametrize("first,last", [(True, False), (False, True), (True, True)])
+def test_dense_first_and_last_layers_keep_every_weight_on_both_code_paths(k_scope, first, last):
+    cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.2, k_scope=k_scope, dense_first=first, dense_last=last)
+    w, s = init_network(cfg, 0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((48, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 48)
+    runs = []
+    for xp in (np, ForeignNumpy()):
+        net = Network(xp, cfg, w, s)
+        opt = optim.make(xp, net.params, TrainConfig())
+        for i in range(0, 48, 16):
+            train_step(net, opt, x[i : i + 16], y[i : i + 16], 0.1)
+        net.effective_weights(train=False)
+        whole = {i for i, on in ((0, first), (len(net.masks) - 1, last)) if on}
+        for i, m in enumerate(net.masks):
+            if i in whole:
+                assert m.all()
+        pruned = [m for i, m in enumerate(net.masks) if i not in whole]
+        if k_scope == "layer":
+            assert [int(m.sum()) for m in pruned] == [kept_count(0.2, m.size) for m in pruned]
+        else:
+            assert sum(int(m.sum()) for m in pruned) == kept_count(0.2, sum(m.size for m in pruned))
+        runs.append((net.s_flat.copy(), net.m_flat.copy(), net.we_flat.copy()))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dense_layers_are_refused_for_methods_without_k(tmp_path, small):
+    result = runner.invoke(app, ["fit", FC, *small, "model.method=supermask", "model.dense_last=true", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "model.dense_last: expected false for supermask" in result.stderr, result.output
