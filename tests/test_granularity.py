@@ -71,22 +71,32 @@ def test_a_units_gradient_is_the_straight_through_gradient_summed_over_its_weigh
         assert alive.any() and np.abs(net.score_grads[layer]).sum() > 0
 
 
-@pytest.mark.parametrize("granularity", ["kernel", "filter"])
-def test_the_cupy_code_path_trains_units_bit_identically(granularity):
-    cfg = ModelConfig(arch="lenet", width=0.125, k=0.4, score_granularity=granularity)
+def trained_on_both_paths(cfg: ModelConfig) -> list[tuple[Network, list[float]]]:
+    """(network, losses) after three steps on NumPy and on the CuPy code path (ForeignNumpy), from
+    the same seed and batches, the masks made for measuring."""
     w, s = init_network(cfg, 0)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((48, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 48)
-    runs = []
+    out = []
     for xp in (np, ForeignNumpy()):
         net = Network(xp, cfg, w, s)
         opt = optim.make(xp, net.params, TrainConfig())
         losses = [float(train_step(net, opt, x[i : i + 16], y[i : i + 16], 0.1)[0]) for i in range(0, 48, 16)]
         net.effective_weights(train=False)
-        runs.append((losses, net.s_flat.copy(), net.m_flat.copy()))
-    assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1:], runs[1][1:]):
-        np.testing.assert_array_equal(a, b)
+        out.append((net, losses))
+    return out
+
+
+def assert_same_state(runs) -> None:
+    (a, la), (b, lb) = runs
+    assert la == lb
+    for x, y in ((a.s_flat, b.s_flat), (a.m_flat, b.m_flat), (a.we_flat, b.we_flat)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "filter"])
+def test_the_cupy_code_path_trains_units_bit_identically(granularity):
+    assert_same_state(trained_on_both_paths(ModelConfig(arch="lenet", width=0.125, k=0.4, score_granularity=granularity)))
 
 
 def test_a_per_unit_run_reads_evaluates_and_resumes_exactly(tmp_path, small, reference):
@@ -113,29 +123,17 @@ def test_granularity_that_cannot_apply_is_refused(tmp_path, small, overrides, fr
 @pytest.mark.parametrize("k_scope", ["layer", "global"])
 @pytest.mark.parametrize("first,last", [(True, False), (False, True), (True, True)])
 def test_dense_first_and_last_layers_keep_every_weight_on_both_code_paths(k_scope, first, last):
-    cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.2, k_scope=k_scope, dense_first=first, dense_last=last)
-    w, s = init_network(cfg, 0)
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((48, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 48)
-    runs = []
-    for xp in (np, ForeignNumpy()):
-        net = Network(xp, cfg, w, s)
-        opt = optim.make(xp, net.params, TrainConfig())
-        for i in range(0, 48, 16):
-            train_step(net, opt, x[i : i + 16], y[i : i + 16], 0.1)
-        net.effective_weights(train=False)
+    runs = trained_on_both_paths(ModelConfig(widths=[784, 64, 32, 10], k=0.2, k_scope=k_scope, dense_first=first, dense_last=last))
+    for net, _ in runs:
         whole = {i for i, on in ((0, first), (len(net.masks) - 1, last)) if on}
-        for i, m in enumerate(net.masks):
-            if i in whole:
-                assert m.all()
+        assert all(m.all() for i, m in enumerate(net.masks) if i in whole)
         pruned = [m for i, m in enumerate(net.masks) if i not in whole]
         if k_scope == "layer":
             assert [int(m.sum()) for m in pruned] == [kept_count(0.2, m.size) for m in pruned]
         else:
             assert sum(int(m.sum()) for m in pruned) == kept_count(0.2, sum(m.size for m in pruned))
-        runs.append((net.s_flat.copy(), net.m_flat.copy(), net.we_flat.copy()))
-    for a, b in zip(*runs):
-        np.testing.assert_array_equal(a, b)
+    assert runs[0][0].method.fast is not None  # the NumPy run took the fused score step
+    assert_same_state(runs)
 
 
 def test_dense_layers_are_refused_for_methods_without_k(tmp_path, small):
