@@ -7,6 +7,7 @@ the header, the epoch lines and the summary, so logs stay readable.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 from rich.console import Console
@@ -105,7 +106,7 @@ def summary(console: Console, run_dir, run) -> None:
                                                  f"val acc {100 * m['val_acc'][chosen]:.2f}%)"))
         rows += [
             ("final train acc", f"{100 * m['train_acc'][-1]:.2f}%"),
-            ("seconds / epoch", f"{sum(m['epoch_seconds']) / len(m['epoch_seconds']):.2f}"),
+            ("seconds / epoch", f"{statistics.median(m['epoch_seconds']):.2f} (median)"),
         ]
     rows.append(("written to", str(run_dir)))
     for key, value in rows:

@@ -8,6 +8,7 @@ running loss for the progress display (at most a few times a second).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data, optim, store
-from .backend import Backend, fused
+from .backend import Backend
 from .config import Config, dump
 from .errors import ConfigError, RunError
 from .methods import METHODS, k_at
@@ -231,7 +232,7 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
     with StopOnSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         try:
             net, opt = _network_and_optimizer(cfg, backend, run)
-            fused(backend.xp)  # the fused loops' import (numba's takes ~0.4 s) before the first epoch's clock starts
+            warm_up(cfg, backend)  # compile before the first epoch's clock starts
             reporter.start(run_dir, cfg, backend, run.epochs_done)
             _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop)
         except CheckpointError:
@@ -261,6 +262,27 @@ def failure(e: BaseException) -> str:
         return os_reason(e)
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+
+
+def warm_up(cfg: Config, backend: Backend, steps: int = 6) -> None:
+    """Train and measure a tiny network of the run's method and optimizer for a few steps, so that
+    every fused loop the run calls is compiled (numba on the CPU, on a machine's first run: seconds;
+    CUDA kernels on a GPU) before epoch 1 is timed: epoch_seconds never includes compilation. Its
+    own weights, data and optimizer: nothing of the run changes. The loops compile for argument
+    types, not sizes, so the tiny network compiles what the real one runs."""
+    h, w, c, classes = data.SHAPES[cfg.data.name]
+    tiny = dataclasses.replace(cfg.model, arch="mlp", widths=[h * w * c, 32, classes], k_warmup_epochs=0)
+    weights, scores = init_network(tiny, 0, (h, w, c), classes)
+    net = Network(backend.xp, tiny, weights, scores, (h, w, c), classes)
+    opt = optim.make(backend.xp, net.params, cfg.train)
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.standard_normal((8, h, w, c)).astype(np.float32))
+    y = backend.asarray(rng.integers(0, classes, 8))
+    net.reseed(0, 0)
+    for _ in range(steps):  # a few: the later steps take the paths that need a last threshold (settle)
+        train_step(net, opt, x, y, cfg.train.lr)
+    evaluate(net, net.effective_weights(train=False), x, y, len(y))
+    backend.sync()
 
 
 def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):

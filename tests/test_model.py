@@ -2,6 +2,8 @@
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -525,3 +527,41 @@ def test_cuda_kernel_wrappers_pass_each_array_to_its_declared_parameter(monkeypa
     cuda.update("adam", "P", "G", ("M", "V"), ("SS", "B1", "OMB1", "B2", "OMB2", "C2", "EPS", "WD"))
     assert calls["scoretrain_adam"] == dict(p="P", g="G", m="M", v="V", step_size="SS", b1="B1", one_minus_b1="OMB1",
                                             b2="B2", one_minus_b2="OMB2", c2="C2", eps="EPS", wd="WD")
+
+
+WARM_UP_PROBE = r"""
+import sys
+import numpy as np
+from scoretrain import config, kernels, optim, train
+from scoretrain.backend import Backend
+
+cfg = config.load(sys.argv[1], sys.argv[2:])
+backend = Backend(np, "cpu")
+loops = [f for f in vars(kernels).values() if hasattr(f, "signatures")]
+train.warm_up(cfg, backend)
+warmed = {f.__name__: len(f.signatures) for f in loops}
+weights, scores = train.initial_tensors(cfg)
+net = train.network(cfg, backend, weights, scores)
+opt = optim.make(np, net.params, cfg.train)
+rng = np.random.default_rng(1)
+x, y = rng.standard_normal((256, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 256)
+train.enter_epoch(net, cfg, 0)
+for i in range(0, 256, 32):
+    train.train_step(net, opt, x[i : i + 32], y[i : i + 32], 0.1)
+train.evaluate(net, net.effective_weights(train=False), x, y, 100)
+added = {f.__name__: len(f.signatures) - warmed[f.__name__] for f in loops if len(f.signatures) > warmed[f.__name__]}
+print(sum(warmed.values()), added)
+"""
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.optimizer=adam"], ["model.method=dense"], ["model.method=biprop"],
+                                       ["model.k_scope=global"], ["model.method=supermask"]],
+                         ids=["sgd", "adam", "dense", "biprop", "global", "supermask"])
+def test_the_warm_up_compiles_every_loop_a_run_calls(overrides):
+    """train.warm_up, in a fresh process: training and measuring the real network afterwards
+    compiles no further numba signature, so epoch 1's clock holds no compilation."""
+    config_path = str(Path(__file__).resolve().parent.parent / "configs/mnist_fc.yaml")
+    proc = subprocess.run([sys.executable, "-c", WARM_UP_PROBE, config_path, *overrides], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    compiled, added = proc.stdout.split(" ", 1)
+    assert int(compiled) > 0 and added.strip() == "{}", proc.stdout
