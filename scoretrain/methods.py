@@ -259,7 +259,9 @@ class TopK(Method):
         swept = self.fast.swept() if self.fast else [(-1, -1)] * len(self.groups)
         for g, (lo, hi) in enumerate(self.groups):
             hint, k, (above, found) = self.thresholds[g], self.kept[g], swept[g]
-            if hint and above < k <= above + found:  # the last update swept the scores, and the band holds the k-th
+            # the last update swept the scores, and the band holds the k-th (the counts first: on the
+            # GPU there is no sweep, and `hint` is a 0-d device array whose truth a host read would tell)
+            if above < k <= above + found and hint:
                 t = self.fast.settle(net, g, lo, hi, k, above, found)
             else:
                 keep = (net.w_flat[lo:hi], net.we_flat[lo:hi]) if with_w_eff and not net.granular else None
