@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run dense test bench clean
+.PHONY: setup run dense test bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/scoretrain bench $(ARGS)
+
+# On a GPU machine, with its own Python and no install step (tools/gpu_check.py; ARGS=--dry-run on a CPU)
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
