@@ -5,6 +5,7 @@ The few passes over every weight per step run as fused loops where `fused` finds
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -79,27 +80,51 @@ def _kernels():
     return kernels
 
 
+def extra_for(driver_version: int | None) -> str:
+    """The install extra whose CuPy matches a CUDA driver (cudaDriverGetVersion: 12080 is 12.8)."""
+    major = (driver_version or 0) // 1000
+    return f"scoretrain[cuda{major}]" if major in (12, 13) else "scoretrain[cuda12] or scoretrain[cuda13] (the CUDA version nvidia-smi shows)"
+
+
 def _cupy():
+    """(cupy, device count), or (None, why not). A GPU counts only once one kernel compiles and one
+    GEMM runs on it: CuPy imports and finds a device without NVRTC or cuBLAS, and would fail only
+    at the first training step."""
     try:
         import cupy
-
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # ImportError, or a CUDA driver/runtime error
+    except Exception as e:  # not installed, or a broken install
         return None, f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return (cupy, n) if n > 0 else (None, "no CUDA device found")
+    driver = None
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n == 0:
+            return None, "no CUDA device found"
+        probe = cupy.ElementwiseKernel("float32 x", "float32 y", "y = x * 2.0f", "scoretrain_probe")
+        a = probe(cupy.ones((8, 8), dtype=cupy.float32))
+        if float((a @ a).sum().get()) != 8 * 8 * 8 * 4:
+            return None, "a test GEMM on the GPU gave a wrong result"
+    except Exception as e:  # no driver, no NVRTC (kernel compile), no cuBLAS (GEMM)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return None, f"{e.__class__.__name__}: {first}; install {extra_for(driver)}, which brings CUDA's libraries"
+    return cupy, n
 
 
 def resolve(device: str) -> Backend:
-    """`auto` | `cpu` | `gpu` | `gpu:N` -> a Backend. `auto` takes GPU 0 when CuPy can use it."""
+    """`auto` | `cpu` | `gpu` | `gpu:N` -> a Backend. `auto` takes GPU 0 when CuPy can use it, and
+    says in one line on stderr why it takes the CPU where CuPy is installed but cannot."""
     if device == "cpu":
         return Backend(np, "cpu")
     found = _cupy()
     if device == "auto":
         if found[0] is None:
+            if "ModuleNotFoundError" not in found[1]:  # CuPy is there, but the GPU is not usable
+                print(f"note: device auto: training on the CPU, the GPU is not usable ({found[1]})", file=sys.stderr)
             return Backend(np, "cpu")
         device = "gpu:0"
     if found[0] is None:
-        raise DeviceError(f"device {device}: no usable GPU ({found[1]}); install scoretrain[cuda12] or use device=cpu")
+        hint = "" if "install scoretrain[" in found[1] else f"; install {extra_for(None)}"
+        raise DeviceError(f"device {device}: no usable GPU ({found[1]}){hint}, or use device=cpu")
     cupy, count = found
     index = int(device.split(":")[1]) if ":" in device else 0
     if index >= count:

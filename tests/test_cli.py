@@ -113,3 +113,10 @@ def test_every_method_and_arch_is_reproduced_by_eval(tmp_path, small, variant):
     out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"]).output)
     assert out["matches_record"] is True and out["masks_match_scores"] is True
     assert len(run.mask_change_layers) == 2 and all(0 <= c <= 1 for row in run.mask_change_layers for c in row)
+
+
+def test_the_gpu_install_hint_matches_the_driver():
+    from scoretrain.backend import extra_for
+
+    assert extra_for(12080) == "scoretrain[cuda12]" and extra_for(13000) == "scoretrain[cuda13]"
+    assert "cuda12] or scoretrain[cuda13]" in extra_for(None) and "nvidia-smi" in extra_for(11080)
