@@ -196,11 +196,9 @@ def _resumed(run_dir: Path):
     return cfg, backend, dd, run
 
 
-def warn_edited(run_dir: Path, note: str | None = None) -> None:
-    """One warning line where config.yaml no longer says what run.h5 records (`note`, found here
-    if not given): the readers answer from run.h5."""
-    if note is None:
-        note = store.edited(run_dir, store.load_spec(run_dir, store.load_summary(run_dir)))
+def warn_edited(run_dir: Path, note: str | None) -> None:
+    """One warning line where config.yaml no longer says what run.h5 records (`note`, from
+    store.edited): the readers answer from run.h5."""
     if note:
         say(f"warning: {Path(run_dir) / store.CONFIG_FILE} was edited ({note}); showing the run as run.h5 records it")
 
@@ -224,7 +222,7 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
         "epochs": run.epochs_done, "backend": backend.name, "device": backend.device,
         "test_samples": len(dd.y_test), "test_loss": loss, "test_acc": acc,
         "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
-        "masks_match_scores": masks_ok,
+        "masks_match_scores": masks_ok, "config_edited": run.edited,
     }
 
 
@@ -271,7 +269,7 @@ def eval_(
     if device is not None:
         config_mod.validate(config_mod.Config(device=device))
     result = measure(run_dir, device)
-    warn_edited(run_dir)
+    warn_edited(run_dir, result["config_edited"])
     if as_json:
         emit(json.dumps(result) + "\n")
         return
@@ -339,7 +337,7 @@ def inspect_(
     from . import inspect_run
 
     report = inspect_run.inspect(run_dir)
-    warn_edited(run_dir)
+    warn_edited(run_dir, report["config_edited"])
     if as_json:
         emit(json.dumps(report) + "\n")
         return
@@ -356,8 +354,8 @@ def export(
     """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file (docs/run-format.md)."""
     from . import export as export_mod
 
-    out = export_mod.export(run_dir, to, force)
-    warn_edited(run_dir)
+    out, edited = export_mod.export(run_dir, to, force)
+    warn_edited(run_dir, edited)
     n = sum(int((a != 0).sum()) for key, a in out.items() if key.startswith("weight_"))
     console.print(f"{to}: {sum(k.startswith('weight_') for k in out)} weight layers, {n:,} nonzero weights", soft_wrap=True, markup=False)
 

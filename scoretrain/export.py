@@ -37,8 +37,9 @@ def architecture(net) -> list[dict]:
     return out
 
 
-def arrays(run_dir: Path) -> dict[str, np.ndarray]:
-    """What the .npz holds, from a run directory (RunError if it is not a readable run)."""
+def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
+    """What the file holds, from a run directory (RunError if it is not a readable run), and
+    store.edited's note on its config.yaml."""
     run_dir = Path(run_dir)
     run, cfg = store.open_run(run_dir)
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
@@ -61,7 +62,7 @@ def arrays(run_dir: Path) -> dict[str, np.ndarray]:
         image_shape=np.array([h, w, c], np.int64),
         n_classes=np.array(classes, np.int64),
     )
-    return out
+    return out, run.edited
 
 
 def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -73,7 +74,7 @@ def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     return tensors, meta
 
 
-def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarray]:
+def export(run_dir: Path, dest: Path, force: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
     """Write the file atomically (a temporary file renamed over `dest`): a reader never sees half
     a file. FILE.safetensors is a safetensors file, any other name an .npz. An existing `dest` is
     refused unless `force`."""
@@ -84,7 +85,7 @@ def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarr
         raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
     if not dest.parent.is_dir():
         raise ScoretrainError(f"{dest.parent}: no such folder")
-    out = arrays(run_dir)
+    out, edited = arrays(run_dir)
 
     def write(tmp: Path) -> None:
         if dest.suffix == ".safetensors":
@@ -100,4 +101,4 @@ def export(run_dir: Path, dest: Path, force: bool = False) -> dict[str, np.ndarr
         store.write_atomic(dest, write)
     except OSError as e:
         raise ScoretrainError(f"{dest}: cannot write ({train.os_reason(e)})") from None
-    return out
+    return out, edited

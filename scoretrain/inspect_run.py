@@ -79,6 +79,7 @@ def inspect(run_dir: Path) -> dict:
         "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
         "kept": float(sum(m.sum() for m in run.masks) / sum(m.size for m in run.masks)) if masked else None,
         "mask_change": _movement(run.metrics["mask_change"]) if masked else None,
+        "config_edited": run.edited,
         "layers": layers,
     }
 

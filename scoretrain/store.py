@@ -56,6 +56,7 @@ class Run:
     optimizer: dict | None = None  # {"name", "steps", "slots": {slot: [arrays]}}
     mask_change_layers: list[list[float]] = field(default_factory=list)  # per epoch, per layer
     epochs_saved: int | None = None  # epochs in the run.h5 on disk, as last written or read (None: no file yet)
+    edited: str | None = None  # open_run: where config.yaml no longer says what run.h5 records (see edited())
 
     @property
     def epochs_done(self) -> int:
@@ -276,6 +277,7 @@ def open_run(run_dir: Path, with_optimizer: bool = False) -> tuple[Run, config_m
     run = load(run_dir, with_optimizer)
     cfg = load_spec(run_dir, run)
     check_matches(run_dir, cfg, run)
+    run.edited = edited(run_dir, cfg)
     return run, cfg
 
 
