@@ -59,17 +59,19 @@ def load_kernels(xp) -> None:
     try:
         fused(xp)
     except (ImportError, OSError) as e:
-        limited = _address_limited()
-        hint = "raise the process's memory limit (ulimit -v)" if limited else "reinstall scoretrain's dependencies (numba, llvmlite)"
+        hint = "raise the process's memory limit (ulimit -v)" if address_limit() else "reinstall scoretrain's dependencies (numba, llvmlite)"
         raise DeviceError(f"the CPU's compiled loops cannot be loaded (numba: {str(e).splitlines()[0][:160]}): {hint}") from None
 
 
-def _address_limited() -> bool:
+def address_limit() -> int | None:
+    """The process's address-space limit in bytes (ulimit -v), None where there is none (or no
+    POSIX resource module)."""
     try:
         import resource
     except ImportError:
-        return False
-    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 @functools.cache  # called in the hot path: an import statement costs a microsecond or two

@@ -14,17 +14,12 @@ import math
 import os
 import signal
 import time
-
-try:
-    import resource
-except ImportError:  # not POSIX: no address-space limit to read
-    resource = None
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import data, optim, store
-from .backend import Backend
+from .backend import Backend, address_limit
 from .config import Config, dump
 from .errors import ConfigError, RunError
 from .methods import METHODS, k_at
@@ -101,8 +96,8 @@ def available_memory() -> tuple[int, str] | None:
             found += [(int(line.split()[1]) * 1024, "this machine has") for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if resource else None
-    if limit is not None and limit != resource.RLIM_INFINITY:
+    limit = address_limit()
+    if limit is not None:
         used = 0
         try:
             with open("/proc/self/status") as f:
