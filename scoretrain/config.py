@@ -189,16 +189,15 @@ def validate(cfg: Config) -> Config:
     _choice("model.init", m.init, INITS)
     _choice("model.score_init", m.score_init, SCORE_INITS)
     _choice("model.score_granularity", m.score_granularity, GRANULARITIES)
-    _check(m.score_granularity == "weight" or m.method in K_METHODS, "model.score_granularity",
-           f"weight for {m.method} (units are for the top-k methods: {', '.join(K_METHODS)})", m.score_granularity)
+    # the keys of the top-k methods, and what they must be for the others
+    for key, off in (("score_granularity", "weight"), ("dense_first", False), ("dense_last", False), ("k_warmup_epochs", 0)):
+        shown = str(off).lower() if isinstance(off, bool) else off  # as YAML writes it
+        _check(getattr(m, key) == off or m.method in K_METHODS, f"model.{key}",
+               f"{shown} for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", getattr(m, key))
     _check(0.0 < m.k <= 1.0, "model.k", "a fraction in (0, 1]", m.k)
-    for key in ("dense_first", "dense_last"):
-        _check(not getattr(m, key) or m.method in K_METHODS, f"model.{key}", f"false for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", getattr(m, key))
     _check(m.rerand_freq > 0, "model.rerand_freq", "a positive integer", m.rerand_freq)
     _check(0 < m.rerand_rate <= 1, "model.rerand_rate", "a probability in (0, 1]", m.rerand_rate)
     _check(m.k_warmup_epochs >= 0, "model.k_warmup_epochs", "an integer >= 0", m.k_warmup_epochs)
-    _check(m.k_warmup_epochs == 0 or m.method in K_METHODS, "model.k_warmup_epochs",
-           f"0 for {m.method} (only {', '.join(K_METHODS)} keep a fraction k)", m.k_warmup_epochs)
     _check(m.k_warmup_epochs <= t.epochs, "model.k_warmup_epochs", f"at most train.epochs ({t.epochs}), so that the run reaches k", m.k_warmup_epochs)
     _check(len(m.widths) >= 2, "model.widths", "at least two widths (inputs and classes)", m.widths)
     _check(all(w > 0 for w in m.widths), "model.widths", "positive integers", m.widths)
