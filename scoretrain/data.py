@@ -281,7 +281,6 @@ def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tu
         try:
             print(f"downloading {url}", file=sys.stderr, flush=True)
             http_get(url, Path(tmp), bar)
-            bar.stop()
             check(Path(tmp).read_bytes(), True, sums)
             os.replace(tmp, dest)
             return dest, url

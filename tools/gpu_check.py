@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +104,7 @@ def main() -> int:
         from scoretrain import store
 
         runs = {n: store.load(out / "runs" / n).metrics for n in ("gpu", "cpu")}
-        figures["fit"] = {n: {"final_test_acc": m["test_acc"][-1], "median_epoch_seconds": sorted(m["epoch_seconds"])[len(m["epoch_seconds"]) // 2]}
+        figures["fit"] = {n: {"final_test_acc": m["test_acc"][-1], "median_epoch_seconds": statistics.median(m["epoch_seconds"])}
                           for n, m in runs.items()}
         targets["GPU run within 0.2 points of the CPU run"] = abs(runs["gpu"]["test_acc"][-1] - runs["cpu"]["test_acc"][-1]) <= 0.002
     except Exception as e:  # a fit that did not run: its step says why
