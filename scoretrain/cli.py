@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -97,9 +98,9 @@ def fit(
         if config is not None or overrides:
             raise ConfigError("--resume takes no config or overrides: a run resumes with the spec it was started with")
         run_dir = resume
-        store.claim(run_dir)  # before reading the status: two resumes of one run cannot both pass the check
+        locked = store.claim(run_dir)  # before reading the status: two resumes of one run cannot both pass the check
         try:
-            cfg, backend, dd, run = _resumed(run_dir)
+            cfg, backend, dd, run = _resumed(run_dir, locked)
         except BaseException:
             store.release(run_dir)
             raise
@@ -115,16 +116,28 @@ def fit(
         stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
         run_dir = store.create_run_dir(runs_dir, name, stem)
         store.claim(run_dir)  # a --resume of it is refused while this process trains it
-        try:
-            store.write_config(run_dir, config_mod.dump(cfg))
-            store.save(run_dir, run)
-        except BaseException as e:
-            store.remove_unstarted(run_dir)
-            store.release(run_dir)
-            if isinstance(e, OSError):
-                raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
-                               "nothing was kept (free some space, or choose another --runs-dir)") from None
-            raise
+        _start(cfg, run_dir, run)
+    _train(cfg, run_dir, backend, run, dd, quiet)
+
+
+def _start(cfg: config_mod.Config, run_dir: Path, run: store.Run) -> None:
+    """Write a claimed, empty run folder's config.yaml and first checkpoint; on failure nothing
+    is kept (the folder is removed again) and the claim is released."""
+    try:
+        store.write_config(run_dir, config_mod.dump(cfg))
+        store.save(run_dir, run)
+    except BaseException as e:
+        store.remove_unstarted(run_dir)
+        store.release(run_dir)
+        if isinstance(e, OSError):
+            raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
+                           "nothing was kept (free some space, or choose another --runs-dir)") from None
+        raise
+
+
+def _train(cfg: config_mod.Config, run_dir: Path, backend, run: store.Run, dd, quiet: bool) -> None:
+    """Train a claimed run to its end and print its summary; each way it can stop is one line on
+    stderr and its exit code (typer.Exit), with the run's record kept true."""
     reporter = Reporter(console, quiet)
     try:
         train.fit(cfg, run_dir, backend, run, dd, reporter)
@@ -163,7 +176,7 @@ def _fresh(cfg: config_mod.Config):
     return backend, dd, train.new_run(cfg, backend, dd)
 
 
-def _resumed(run_dir: Path):
+def _resumed(run_dir: Path, locked: bool = False):
     """(cfg, backend, data, run) to go on with an interrupted run. The spec is the one run.h5
     records; config.yaml may change the train keys and the device (e.g. more epochs), but not
     the seed, data or model, which would silently make another experiment of the same run."""
@@ -181,7 +194,7 @@ def _resumed(run_dir: Path):
                 key, new, old = changed[0]
                 raise ConfigError(f"{run_dir / store.CONFIG_FILE}: {key} is {new!r}, but the run was trained with {old!r} "
                                   "(as run.h5 records): the seed, data and model cannot change on resume; restore it, or start a new run")
-        train.check_resumable(run, run_dir)
+        train.check_resumable(run, run_dir, locked)
         backend = resolve(cfg.device)
         dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
         train.check_memory(cfg, backend, dd)
@@ -194,6 +207,202 @@ def _resumed(run_dir: Path):
     except OSError as e:
         raise RunError(f"{run_dir}: cannot write run.h5: {train.os_reason(e)}; the run is as it was (epoch {run.epochs_saved or 0})") from None
     return cfg, backend, dd, run
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="Base experiment spec (YAML); its `sweep:` section, if any, gives grid axes too.", show_default=False),
+    grid: Optional[List[str]] = typer.Argument(None, help="key=v1,v2,... (values parsed as YAML), key=a:b (integers a..b-1), or key=value (fixed): model.k=0.1,0.3 seed=0:3 train.epochs=2.", show_default=False, metavar="GRID..."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="The sweep's folder (its runs and its record, sweep.yaml); default: runs/<config name>.", show_default=False),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Local pool: runs at a time, each with cores/jobs BLAS threads."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Local pool on GPUs: device ids, one run per device at a time, e.g. 0,1,2,3.", show_default=False),
+    launcher: str = typer.Option("local", "--launcher", help="local (a pool of processes here) or slurm (one job array, through submitit)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition.", show_default=False),
+    time_min: int = typer.Option(60, "--time", min=1, help="Slurm: time limit per run, in minutes."),
+    cpus_per_run: int = typer.Option(1, "--cpus-per-run", min=1, help="Slurm: CPUs (and BLAS threads) per run."),
+    gpus_per_run: int = typer.Option(0, "--gpus-per-run", min=0, help="Slurm: GPUs per run."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 8G.", show_default=False),
+    array_parallelism: int = typer.Option(256, "--array-parallelism", min=1, help="Slurm: runs of the array at a time."),
+    slurm: Optional[List[str]] = typer.Option(None, "--slurm", help="Slurm: any other sbatch option, KEY=VALUE (e.g. --slurm account=lab --slurm qos=short); repeatable.", show_default=False),
+    wait: bool = typer.Option(False, "--wait", help="Slurm: follow the runs until the job array ends (else print its job id and return)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their state (completed, running, interrupted, failed, missing); start nothing."),
+    status: Optional[Path] = typer.Option(None, "--status", help="The same list, for an existing sweep folder (no config needed).", show_default=False, metavar="SWEEP_DIR"),
+    extend: bool = typer.Option(False, "--extend", help="Add this grid's runs to a sweep folder made by another grid of the same base config."),
+) -> None:
+    """Train a grid of runs of one config (the product of the GRID values) into one folder.
+
+    Running the same sweep again skips completed runs, resumes interrupted ones and starts missing
+    ones; two sweep commands over one folder never train a run twice. Compare the results with
+    `scoretrain compare SWEEP_DIR --group-by model.k`.
+    """
+    from . import sweep as sweep_mod
+
+    if status is not None:
+        if config is not None or grid:
+            raise ConfigError("--status takes a sweep folder, no config or grid")
+        record = sweep_mod.read(status)
+        _sweep_table(status, record, record.runs)
+        return
+    if config is None:
+        raise ConfigError("sweep needs a base config (e.g. configs/mnist_fc.yaml) and a grid (model.k=0.1,0.3 seed=0:3), or --status SWEEP_DIR")
+    if launcher not in ("local", "slurm"):
+        raise ConfigError(f"--launcher: expected local or slurm, got {launcher!r}")
+    gpu_ids = _gpu_ids(gpus)
+    extra = _key_values(slurm or [], "--slurm")
+    if launcher == "slurm" and not dry_run:
+        sweep_mod.check_slurm()
+    plan = sweep_mod.plan(config, grid or [])
+    sweep_dir = runs_dir if runs_dir is not None else Path("runs") / config.stem
+    if dry_run:
+        _sweep_table(sweep_dir, plan, plan.runs)
+        return
+    plan.launcher = ({"kind": "slurm", "partition": partition, "time": time_min, "cpus_per_run": cpus_per_run,
+                      "gpus_per_run": gpus_per_run, "mem": mem, "array_parallelism": array_parallelism, "slurm": extra}
+                     if launcher == "slurm" else {"kind": "local", "jobs": jobs, "gpus": gpu_ids})
+    record = sweep_mod.settle(sweep_dir, plan, extend)
+    names = [n for n in plan.runs if sweep_mod.state(sweep_dir / n)[0] not in sweep_mod.DONE]
+    if not names:
+        say(f"{sweep_dir}: all {len(plan.runs)} runs are done; nothing to train")
+        _sweep_table(sweep_dir, record, plan.runs)
+        return
+    if launcher == "slurm":
+        settings = sweep_mod.SlurmSettings(partition, time_min, cpus_per_run, gpus_per_run, mem, array_parallelism, extra)
+        job = sweep_mod.submit(sweep_dir, names, settings)
+        say(f"submitted Slurm job array {job}: {len(names)} runs; follow with: scoretrain sweep --status {sweep_dir}")
+        if not wait:
+            return
+        _follow(sweep_dir, plan, lambda: sweep_mod.queued(job) > 0)
+    else:
+        say(f"{sweep_dir}: {len(names)} of {len(plan.runs)} runs to train, {len(gpu_ids) if gpu_ids else jobs} at a time")
+        _run_pool(sweep_dir, plan, names, jobs, gpu_ids)
+    final = _sweep_table(sweep_dir, record, plan.runs)
+    bad = [n for n, (st, *_) in final.items() if st not in ("completed", "running")]
+    if bad:
+        say(f"error: {len(bad)} of {len(final)} runs did not complete ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): "
+            f"see {sweep_dir / sweep_mod.LOGS}/NAME.log; run the same sweep again to resume them")
+        raise typer.Exit(1)
+
+
+def _gpu_ids(text: Optional[str]) -> list[str] | None:
+    if text is None:
+        return None
+    ids = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() for t in ids):
+        raise ConfigError(f"--gpus {text!r}: expected device ids, e.g. 0,1")
+    return ids
+
+
+def _key_values(items: list[str], option: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} account=mylab")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _sweep_table(sweep_dir: Path, record, names) -> dict:
+    """The runs of a sweep and their state, from the run store; returns name -> state."""
+    from . import sweep as sweep_mod
+
+    states = {n: sweep_mod.state(Path(sweep_dir) / n) for n in names}
+    t = Table(show_edge=False, pad_edge=False)
+    for header in ("run", "overrides", "state", "epochs", "final"):
+        t.add_column(header, justify="right" if header in ("epochs", "final") else "left")
+    style = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "unreadable": "red"}
+    base_n = len(os.path.commonprefix(list(record.runs.values()))) if len(record.runs) > 1 else 0
+    for n, (st, done, total, final) in states.items():
+        t.add_row(n, " ".join(record.runs[n][base_n:]), f"[{style.get(st, '')}]{st}[/]" if st in style else st,
+                  f"{done}/{total}" if total else "-", "-" if final is None else f"{100 * final:.2f}%")
+    from .compare import print_wide
+
+    print_wide(console, t)
+    counts = {}
+    for st, *_ in states.values():
+        counts[st] = counts.get(st, 0) + 1
+    console.print(f"{len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), highlight=False)
+    return states
+
+
+def _run_pool(sweep_dir: Path, plan, names: list[str], jobs: int, gpu_ids) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import sweep as sweep_mod
+
+    total = len(names)
+    live = console.is_terminal
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True, disable=not live)
+    overall = progress.add_task("runs", total=total)
+    tasks, ended = {}, [0]
+
+    def on_event(name, what, code):
+        if what == "start":
+            tasks[name] = progress.add_task(f"  {name}", total=None)
+        elif what == "end":
+            ended[0] += 1
+            progress.remove_task(tasks.pop(name))
+            progress.advance(overall)
+            st, done, epochs, final = sweep_mod.state(sweep_dir / name)
+            acc = "" if final is None else f", test {100 * final:.2f}%"
+            progress.console.print(f"[{ended[0]}/{total}] {name}: {st} ({done}/{epochs} epochs{acc})", highlight=False, markup=False)
+        elif live:
+            for n, task in tasks.items():
+                _, done, epochs, _ = sweep_mod.state(sweep_dir / n)
+                progress.update(task, completed=done, total=epochs or None)
+
+    with progress:
+        sweep_mod.run_local(sweep_dir, names, jobs, gpu_ids, on_event)
+
+
+def _follow(sweep_dir: Path, plan, active) -> None:
+    """--wait: a progress bar of the runs done, from the run store, until `active()` is false."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import sweep as sweep_mod
+
+    with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("runs", total=len(plan.runs))
+        while active():
+            done = sum(sweep_mod.state(sweep_dir / n)[0] in sweep_mod.DONE for n in plan.runs)
+            progress.update(task, completed=done)
+            time.sleep(1.0)
+
+
+@app.command("sweep-worker", hidden=True)
+@user_errors
+def sweep_worker(
+    sweep_dir: Path = typer.Argument(..., help="The sweep's folder."),
+    name: str = typer.Argument(..., help="The run's name in it."),
+) -> None:
+    """One run of a sweep, as `sweep` starts it: trained unless it is completed or failed, or
+    another process trains it now (then skipped); resumed where it was interrupted."""
+    from . import sweep as sweep_mod
+
+    record = sweep_mod.read(sweep_dir)
+    cfg = record.config(name)
+    run_dir = Path(sweep_dir) / name
+    what = sweep_mod.take(sweep_dir, name)
+    if what is None:
+        say(f"{run_dir}: another process trains this run; skipped")
+        return
+    try:
+        if what == "skip":
+            say(f"{run_dir}: already {sweep_mod.state(run_dir)[0]}; skipped")
+            store.release(run_dir)
+            return
+        if what == "resume":
+            cfg, backend, dd, run = _resumed(run_dir, locked=True)
+        else:
+            backend, dd, run = _fresh(cfg)
+            _start(cfg, run_dir, run)
+    except BaseException:
+        store.release(run_dir)
+        raise
+    _train(cfg, run_dir, backend, run, dd, quiet=True)
 
 
 def warn_edited(run_dir: Path, note: str | None) -> None:
@@ -295,6 +504,7 @@ def compare(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV for scripts (full precision)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows for scripts (full precision)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw final test accuracy against k and test accuracy per epoch into FILE.png or FILE.svg (needs: pip install 'scoretrain\\[plot]').", show_default=False, metavar="FILE"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="One row per value of these config keys, KEY[,KEY] (e.g. model.k, or model.method,model.k): n, mean ± std over the group's runs (seeds) of the final and best test accuracy (at the best validation epoch where runs have a validation split), s/epoch. --plot then draws the mean final accuracy with error bars against the first key.", show_default=False, metavar="KEY[,KEY]"),
 ) -> None:
     """Compare runs side by side: method, widths, k, epochs, status, best and final test accuracy, s/epoch.
 
@@ -311,7 +521,11 @@ def compare(
         from . import plot as plot_mod
 
         plot_mod.check(plot)  # likewise a bad file name, or no matplotlib
-    rows = compare_mod.sort_rows(compare_mod.collect(paths), sort)
+    keys = compare_mod.check_keys([k.strip() for k in group_by.split(",")]) if group_by is not None else ()
+    rows = compare_mod.sort_rows(compare_mod.collect(paths, keys), sort)
+    if keys:
+        _compare_groups(rows, keys, as_csv, as_json, plot)
+        return
     for row in rows:
         if row["edited"]:
             warn_edited(Path(row["path"]), row["edited"])
@@ -325,6 +539,26 @@ def compare(
     if plot is not None:
         plot_mod.plot(rows, plot)
         say(f"plot written to {plot}")  # stderr: --json/--csv stay clean
+
+
+def _compare_groups(rows: list[dict], keys: tuple, as_csv: bool, as_json: bool, plot: Optional[Path]) -> None:
+    from . import compare as compare_mod
+
+    for row in rows:
+        if row["error"]:
+            say(f"unreadable: {row['error']}")
+    grouped = compare_mod.groups(rows, keys)
+    if as_json:
+        emit(json.dumps(grouped, indent=2) + "\n")
+    elif as_csv:
+        emit(compare_mod.group_csv(grouped, keys))
+    else:
+        compare_mod.print_wide(console, compare_mod.group_table(grouped, keys))
+    if plot is not None:
+        from . import plot as plot_mod
+
+        plot_mod.plot_groups(grouped, keys, plot)
+        say(f"plot written to {plot}")
 
 
 @app.command("inspect")

@@ -60,7 +60,8 @@ def run_dirs(path: Path) -> tuple[list[Path], bool]:
     return found, False
 
 
-def read_row(run_dir: Path) -> dict:
+def read_row(run_dir: Path, keys: tuple = ()) -> dict:
+    """A run's row; with `keys` (dotted config keys: --group-by), also its spec's value of each."""
     run = store.load_summary(run_dir)
     cfg = store.load_spec(run_dir, run)
     m, model = run.metrics, cfg.model
@@ -78,10 +79,102 @@ def read_row(run_dir: Path) -> dict:
         chosen = store.best_by_validation(m)  # the epoch a validation split selects: the test split chooses nothing
         if chosen is not None:
             row.update(best_val_acc=m["val_acc"][chosen], best_val_epoch=m["epoch"][chosen], test_at_best_val=m["test_acc"][chosen])
+    spec = cfg.to_dict()
+    for key in keys:
+        row[key] = spec_value(spec, key)
     return row
 
 
-def collect(paths: list[Path]) -> list[dict]:
+def spec_value(spec: dict, key: str):
+    node = spec
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_keys(keys: list[str]) -> tuple:
+    """--group-by's keys, each a dotted key of the config (model.k, seed, train.lr)."""
+    defaults = config_mod.Config().to_dict()
+    for key in keys:
+        try:
+            value = spec_value(defaults, key)
+        except (KeyError, TypeError):
+            raise ConfigError(f"--group-by {key}: not a config key (e.g. model.k, model.method, train.lr)") from None
+        if isinstance(value, dict):
+            raise ConfigError(f"--group-by {key}: a section, not a key (e.g. {key}.{next(iter(value))})")
+    return tuple(keys)
+
+
+GROUP_FIELDS = ("n", "runs", "final_mean", "final_std", "best_mean", "best_std", "best_by", "seconds_per_epoch")
+
+
+def groups(rows: list[dict], keys: tuple) -> list[dict]:
+    """One row per value of `keys` (in the order they sort), over the runs with a finished epoch:
+    n, the mean and standard deviation (n - 1) of the final and the best test accuracy, where
+    best is the test accuracy at the best validation epoch when every run of the group has a
+    validation split (else the best test accuracy), and the mean seconds per epoch. `runs`
+    counts every run of the group, unfinished ones too."""
+    import statistics
+
+    by = {}
+    for r in rows:
+        if r["status"] != "unreadable":
+            by.setdefault(tuple(json.dumps(r[k]) for k in keys), []).append(r)
+    out = []
+    for key in sorted(by, key=lambda t: [_sortable(json.loads(v)) for v in t]):
+        members = by[key]
+        done = [r for r in members if r["final_test_acc"] is not None]
+        by_val = bool(done) and all(r["test_at_best_val"] is not None for r in done)
+        finals = [r["final_test_acc"] for r in done]
+        bests = [r["test_at_best_val"] if by_val else r["best_test_acc"] for r in done]
+        g = {k: json.loads(v) for k, v in zip(keys, key)}
+        g.update(n=len(done), runs=len(members),
+                 final_mean=statistics.fmean(finals) if finals else None,
+                 final_std=statistics.stdev(finals) if len(finals) > 1 else None,
+                 best_mean=statistics.fmean(bests) if bests else None,
+                 best_std=statistics.stdev(bests) if len(bests) > 1 else None,
+                 best_by="val" if by_val else "test",
+                 seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in done) if done else None)
+        out.append(g)
+    return out
+
+
+def _sortable(v):
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def group_csv(rows: list[dict], keys: tuple) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, (*keys, *GROUP_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return out.getvalue()
+
+
+def group_table(rows: list[dict], keys: tuple) -> Table:
+    t = Table(show_edge=False, pad_edge=False)
+    by_val = any(r["best_by"] == "val" for r in rows)
+    for header in (*keys, "n", "final (mean ± std)", "at best val (mean ± std)" if by_val else "best (mean ± std)", "s/epoch"):
+        t.add_column(header, justify="left" if header in keys else "right", no_wrap=header not in keys)
+    for r in rows:
+        spread = lambda m, s: "-" if m is None else f"{100 * m:.2f}%" + ("" if s is None else f" ± {100 * s:.2f}")  # noqa: E731
+        n = f"{r['n']}" if r["n"] == r["runs"] else f"{r['n']} of {r['runs']}"
+        t.add_row(*(Text(_show(r[k])) for k in keys), n, spread(r["final_mean"], r["final_std"]),
+                  spread(r["best_mean"], r["best_std"]) + ("" if r["best_by"] == "val" or not by_val else " (test)"),
+                  "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}")
+    return t
+
+
+def _show(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "-".join(map(str, v))
+    return str(v)
+
+
+def collect(paths: list[Path], keys: tuple = ()) -> list[dict]:
     """Rows for all runs under `paths`, each run once; raises RunError for a bad explicit path."""
     rows, seen = [], set()
     for path in paths:
@@ -91,7 +184,7 @@ def collect(paths: list[Path]) -> list[dict]:
                 continue
             seen.add(run_dir.resolve())
             try:
-                rows.append(read_row(run_dir))
+                rows.append(read_row(run_dir, keys))
             except ScoretrainError as e:
                 if explicit:
                     raise RunError(str(e)) from None

@@ -225,6 +225,8 @@ def validate(cfg: Config) -> Config:
 
 
 def from_dict(raw: dict) -> Config:
+    if isinstance(raw, dict) and "sweep" in raw:
+        raise ConfigError("sweep: this file declares a grid of runs: train it with `scoretrain sweep FILE` (fit trains one run)")
     return validate(_build(Config, raw, ""))
 
 

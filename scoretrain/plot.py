@@ -121,3 +121,45 @@ def plot(rows: list[dict], path: Path):
     except OSError as e:
         raise ScoretrainError(f"--plot {path}: cannot write ({e.strerror or e})") from None
     return fig
+
+
+def plot_groups(groups: list[dict], keys: tuple, path: Path):
+    """compare --group-by's figure: the mean final test accuracy (and, dashed, the mean best) of
+    each group against the first key, with error bars of one standard deviation over its runs;
+    a line per value of the other keys. Returns the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path, fmt = Path(path), check(path)
+    groups = [g for g in groups if g["final_mean"] is not None]
+    if not groups:
+        raise RunError("--plot: no run has a finished epoch to plot")
+    x_key, rest = keys[0], keys[1:]
+    numeric = all(isinstance(g[x_key], (int, float)) and not isinstance(g[x_key], bool) for g in groups)
+    ticks = sorted({str(g[x_key]) for g in groups}) if not numeric else None
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lines: dict[tuple, list[dict]] = {}
+    for g in groups:
+        lines.setdefault(tuple(str(g[k]) for k in rest), []).append(g)
+    for i, (label, members) in enumerate(lines.items()):
+        xs = [g[x_key] if numeric else ticks.index(str(g[x_key])) for g in members]
+        name = ", ".join(f"{k}={v}" for k, v in zip(rest, label))
+        for field, style, what in (("final", "-", "final"), ("best", ":", "best")):
+            by_val = field == "best" and all(g["best_by"] == "val" for g in members)
+            ax.errorbar(xs, [100 * g[f"{field}_mean"] for g in members], yerr=[100 * (g[f"{field}_std"] or 0) for g in members],
+                        color=f"C{i % 10}", linestyle=style, marker="o", capsize=3,
+                        label=" ".join(p for p in (name, "at best val" if by_val else what) if p))
+    if ticks is not None:
+        ax.set_xticks(range(len(ticks)), ticks)
+    n = sorted({g["n"] for g in groups})
+    ax.set(xlabel=x_key, ylabel="test accuracy (%)",
+           title=f"test accuracy against {x_key}: mean ± std over {'-'.join(map(str, (n[0], n[-1])) if len(n) > 1 else str(n[0]))} runs each")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    try:
+        store.write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    except OSError as e:
+        raise ScoretrainError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+    return fig

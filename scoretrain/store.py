@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,26 +374,55 @@ def never_checkpointed(run_dir: Path) -> bool:
 _claims: dict[str, int] = {}  # run folders this process trains: real path -> the locked fd
 
 
-def claim(run_dir: Path) -> None:
+def claim(run_dir: Path) -> bool:
     """Lock the run folder for this process: an exclusive flock on the folder itself, which the
     kernel drops when the process ends however it ends (SIGKILL included), so there is nothing
     stale to clean up. A second `fit --resume` of the same run is refused while one trains it.
-    Best effort where the file system has no flock; a missing folder is left to load() to report."""
+    Returns whether a lock is held: best effort where the file system has no flock; a missing
+    folder is left to load() to report."""
     key = os.path.realpath(run_dir)
-    if key in _claims or fcntl is None:
-        return
+    if key in _claims:
+        return True
+    if fcntl is None:
+        return False
     try:
         fd = os.open(key, os.O_RDONLY)
     except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunError(f"{run_dir}: another process is training this run; resume it once it has stopped") from None
-    except OSError:  # no flock here (some network file systems): go on unlocked
-        pass
+        return False
+    for attempt in range(20):  # a reader's probe (held()) holds a shared lock for microseconds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 19:
+                os.close(fd)
+                raise RunError(f"{run_dir}: another process is training this run; resume it once it has stopped") from None
+            time.sleep(0.01)
+        except OSError:  # no flock here (some network file systems): go on unlocked
+            os.close(fd)
+            return False
     _claims[key] = fd
+    return True
+
+
+def held(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock: trains the run now."""
+    key = os.path.realpath(run_dir)
+    if key in _claims or fcntl is None:
+        return False
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing drops the shared lock)
 
 
 def release(run_dir: Path) -> None:

@@ -375,9 +375,11 @@ def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
 
 
 
-def check_resumable(run: store.Run, run_dir) -> None:
+def check_resumable(run: store.Run, run_dir, locked: bool = False) -> None:
+    """Refuse a completed run, and one still training. `locked`: this process holds the run's
+    lock (store.claim), so a "running" record is a writer that died (on another host, say)."""
     status = store.live_status(run)
     if status == "completed":
         raise RunError(f"{run_dir}: the run is already completed ({run.epochs_done} epoch{'' if run.epochs_done == 1 else 's'}); nothing to resume")
-    if status == "running":
+    if status == "running" and not locked:
         raise RunError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); resume it once it has stopped")
