@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from scoretrain import store
 from scoretrain import sweep as sweep_mod
-from scoretrain.errors import ConfigError
 
 from conftest import EPOCHS, SMALL, TIMEOUT, assert_identical
 from slurm_cluster import Cluster, missing
@@ -323,3 +321,11 @@ def test_a_requeued_slurm_task_resumes_its_run_and_trains_it_once(slurm, uninter
     assert log.count("written to") == 1, log  # one fit finished it: the first never did, the second resumed it
     for name in NAMES:  # one row per epoch, the bits of an uninterrupted run
         assert_identical(folder / name, uninterrupted / name)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_plan_and_fit_refuses_them(path):
+    plan = sweep_mod.plan(path, [])
+    assert len(plan.runs) > 1 and all(name for name in plan.runs)
+    out = scoretrain("fit", str(path))
+    assert out.returncode == 2 and "train it with `scoretrain sweep FILE`" in out.stderr
