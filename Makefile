@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# CuPy and NVRTC from their wheels, kept apart from the venv (where `device: auto` would find CuPy):
+# only for compiling scoretrain/kernels.cu as CuPy does, on a machine without a GPU (tests/test_nvrtc.py)
+NVRTC := $(VENV)/nvrtc
+NVRTC_STAMP := $(NVRTC)/.installed
 
 .PHONY: setup run dense test bench gpu-check clean
 
@@ -20,7 +24,11 @@ run: $(STAMP)
 dense: $(STAMP)
 	$(BIN)/scoretrain fit configs/mnist_dense.yaml $(ARGS)
 
-test: $(STAMP)
+$(NVRTC_STAMP): $(STAMP)
+	if $(BIN)/pip install --quiet --no-deps --target $(NVRTC) 'cupy-cuda13x>=14,<15' 'nvidia-cuda-nvrtc==13.*' 'cuda-pathfinder>=1.3.4,<2'; \
+	then touch $@; else echo "warning: could not install CuPy and NVRTC into $(NVRTC); the NVRTC compile test will skip"; fi
+
+test: $(STAMP) $(NVRTC_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)

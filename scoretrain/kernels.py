@@ -7,8 +7,8 @@ On the CPU they are numba loops, and for edge-popup one loop does a whole step's
 scores: `score_step` takes dL/dW_eff through the mask, updates each score with the optimizer's rule,
 and sorts the new score against a band around the last threshold (above it, below it, or in
 it). What remains of the next top-k is a partition of the few values in the band (`settle`).
-On the GPU the straight-through gradient and the optimizer updates are CUDA kernels (the end of
-this file), and the top-k stays array code (one device partition). backend.fused hands them
+On the GPU the straight-through gradient, the optimizer updates and the top-k (a radix select,
+radix_select.py) are CUDA kernels, kernels.cu, loaded at the end of this file. backend.fused hands them
 out, for contiguous float32 arrays; float64 (the gradient checks) takes the array code.
 
 Each loop gives the same bits as the array code it replaces, as written in its docstring:
@@ -23,6 +23,7 @@ import functools
 import math
 import types
 from collections import namedtuple
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -233,49 +234,54 @@ def score_step_with(rule, p, g, state, scalars, w, band, out):
     score_step(p, g, opt if rule == "sgd" else None, opt if rule == "adam" else None, w, band, out)
 
 
-# --- the same updates as CUDA kernels, for CuPy -------------------------------------------------
-# The bodies do what the numba loops above do, with __f*_rn intrinsics: they round after every
-# operation, as the array code does (CUDA would otherwise fuse a multiply and an add into one FMA),
-# so that a GPU step gives the CPU's bits. Parameters: (inputs, outputs, body), as
-# cupy.ElementwiseKernel takes them; an output is read and written in place. An optimizer's
-# kernel takes g and the numba rule's scalars, in their order, then p and the rule's state.
-CUDA = {
-    "straight_through": (
-        "float32 w, float32 s", "float32 g",
-        "float v = __fmul_rn(g, w); g = signbit(s) ? -v : v;",
-    ),
-    "sgd": (
-        "float32 g, float32 lr, float32 mu, float32 wd, bool nesterov", "float32 p, float32 buf",
-        """float d = g;
-        if (wd != 0.0f) d = __fadd_rn(d, __fmul_rn(p, wd));
-        if (mu != 0.0f) {
-            float b = __fadd_rn(__fmul_rn(buf, mu), d);
-            buf = b;
-            d = nesterov ? __fadd_rn(d, __fmul_rn(b, mu)) : b;
-        }
-        p = __fsub_rn(p, __fmul_rn(d, lr));""",
-    ),
-    "adam": (
-        "float32 g, float32 step_size, float32 b1, float32 one_minus_b1, float32 b2, "
-        "float32 one_minus_b2, float32 c2, float32 eps, float32 wd", "float32 p, float32 m, float32 v",
-        """float d = g;
-        if (wd != 0.0f) d = __fadd_rn(d, __fmul_rn(p, wd));
-        float mi = __fadd_rn(__fmul_rn(m, b1), __fmul_rn(d, one_minus_b1));
-        float vi = __fadd_rn(__fmul_rn(v, b2), __fmul_rn(__fmul_rn(d, d), one_minus_b2));
-        m = mi;
-        v = vi;
-        p = __fsub_rn(p, __fmul_rn(__fdiv_rn(mi, __fadd_rn(__fsqrt_rn(__fdiv_rn(vi, c2)), eps)), step_size));""",
-    ),
-}
+# --- the CUDA kernels, for CuPy -------------------------------------------------------------------
+# kernels.cu: the same updates as the numba loops above (with __f*_rn intrinsics, rounding after
+# every operation as the array code does), and the radix select of radix_select.py. One RawModule,
+# compiled by CuPy with NVRTC on first use; tests/test_nvrtc.py compiles it as CuPy does.
+
+CUDA_SOURCE = Path(__file__).with_name("kernels.cu")
+CUDA_OPTIONS = ("--std=c++17",)  # CuPy adds its own (its headers, -ftz=true, the device's -arch)
+CUDA_KERNELS = ("straight_through", "sgd", "adam", "topk_histogram", "topk_pick", "topk_count_ties",
+                "topk_scan_ties", "topk_mask")
+_THREADS = 256  # as kernels.cu's THREADS
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, min((n + _THREADS - 1) // _THREADS, 8192)),)  # grid-stride loops cover the rest
 
 
 @functools.cache
 def cuda():
-    """The CUDA kernels, compiled by CuPy on first use, called like the numba loops."""
+    """The CUDA kernels, called like the numba loops (and like radix_select.MODEL's)."""
     import cupy
 
-    k = {name: cupy.ElementwiseKernel(*spec, name=f"scoretrain_{name}") for name, spec in CUDA.items()}
-    return types.SimpleNamespace(
-        straight_through=lambda g, w, s: k["straight_through"](w, s, g),
-        update=lambda rule, p, g, state, scalars: k[rule](g, *scalars, p, *state),
-    )
+    module = cupy.RawModule(code=CUDA_SOURCE.read_text(), options=CUDA_OPTIONS, name_expressions=None)
+    k = {name: module.get_function(name) for name in CUDA_KERNELS}
+    f32, i32, i64 = np.float32, np.int32, np.int64
+    block = (_THREADS,)
+
+    def straight_through(g, w, s):
+        k["straight_through"](_grid(g.size), block, (g, w, s, i64(g.size)))
+
+    def update(rule, p, g, state, scalars):
+        scalars = (*map(f32, scalars[:3]), i32(scalars[3])) if rule == "sgd" else tuple(map(f32, scalars))
+        k[rule](_grid(p.size), block, (p, *state, g, *scalars, i64(p.size)))
+
+    def per_block(name):  # one block per CHUNK of a group: the block table's length
+        return lambda x, bounds, blk_group, *rest: k[name]((blk_group.size,), block, (x, bounds, blk_group, *rest))
+
+    def histogram(x, bounds, blk_group, blk_start, state, hist, shift):
+        per_block("topk_histogram")(x, bounds, blk_group, blk_start, state, hist, i32(shift))
+
+    def pick(hist, state, kept, n_groups, shift):
+        k["topk_pick"](((n_groups + 31) // 32,), (32,), (hist, state, kept, i32(n_groups), i32(shift)))
+
+    def scan_ties(blk_ties, group_blocks, n_groups):
+        k["topk_scan_ties"](((n_groups + 31) // 32,), (32,), (blk_ties, group_blocks, i32(n_groups)))
+
+    def mask(x, bounds, blk_group, blk_start, state, blk_ties, m, w, w_out, with_w):
+        per_block("topk_mask")(x, bounds, blk_group, blk_start, state, blk_ties, m, w, w_out, i32(with_w))
+
+    return types.SimpleNamespace(straight_through=straight_through, update=update, topk_histogram=histogram,
+                                 topk_pick=pick, topk_count_ties=per_block("topk_count_ties"),
+                                 topk_scan_ties=scan_ties, topk_mask=mask)

@@ -5,9 +5,9 @@ method is adding a class here. docs/methods.md states each exactly.
 
 The algorithm itself is the first two functions: `topk_mask` (keep the round(k * n) largest
 |S|) and `straight_through` (dL/dS = dL/dW_eff * W * sign(S), as if the mask were the identity on
-|S|). They are plain array code, the reference that runs on the GPU. Beside them is the CPU's fast
-path for the same step (FusedScoreStep and the fused top-k, kernels.py), checked bit for bit
-against the reference in tests/test_model.py.
+|S|). They are plain array code, the reference. Beside them are the fast paths for the same step: the
+CPU's (FusedScoreStep and the fused top-k, kernels.py), checked bit for bit against the
+reference in tests/test_model.py, and the GPU's top-k (radix_select.py, a radix select in CUDA).
 
 Network (model.py) owns the flat buffers every method shares (weights w_flat, scores s_flat,
 masks m_flat, W_eff we_flat, gradients g_flat, scratch tmp); a method owns only its own state
@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import fused
+from .radix_select import RadixTopK
 
 # --- the mask and its straight-through gradient (the reference) --------------------------------
 
@@ -243,6 +244,9 @@ class TopK(Method):
             spans = [(b, i in whole) for i, b in enumerate(bounds)]
         spans.sort()
         self.groups, self.dense_groups = [b for b, _ in spans], [d for _, d in spans]
+        # the GPU's top-k: a radix select of all groups in a few kernel launches (radix_select.py)
+        cuda = fused(net.xp, net.s_flat) if net.xp is not np else None
+        self.radix = RadixTopK(net.xp, self.groups, cuda) if cuda else None
         self.set_k(cfg.k)
         self.thresholds = [None] * len(self.groups)  # last step's: a hint for the next selection
         self.bands = [0.01] * len(self.groups)  # where the hint's band starts (CPU), from the last move
@@ -251,11 +255,18 @@ class TopK(Method):
     def set_k(self, k: float) -> None:
         self.kept = [hi - lo if dense else kept_count(k, hi - lo)  # the hints stay good: they only speed it up
                      for (lo, hi), dense in zip(self.groups, self.dense_groups)]
+        if self.radix:
+            self.radix.set_kept(self.kept)
 
     def select(self, net, with_w_eff: bool) -> None:
         """The masks (and, `with_w_eff`, W * M in the same pass) of the current scores: the top-k
         of the scores' units (each weight, or each kernel or filter), then the weights' masks."""
         xp = net.xp
+        if self.radix:  # the GPU: every group at once, no host read
+            keep = not net.granular and with_w_eff
+            self.radix.select(net.s_flat, net.u_flat, net.w_flat if keep else None, net.we_flat if keep else None)
+            self._expand(net, with_w_eff)
+            return
         swept = self.fast.swept() if self.fast else [(-1, -1)] * len(self.groups)
         for g, (lo, hi) in enumerate(self.groups):
             hint, k, (above, found) = self.thresholds[g], self.kept[g], swept[g]
@@ -271,6 +282,11 @@ class TopK(Method):
             self.thresholds[g] = t
         if self.fast:
             self.fast.used()
+        self._expand(net, with_w_eff)
+
+    @staticmethod
+    def _expand(net, with_w_eff: bool) -> None:
+        """The weights' masks (and W_eff) from their units', where a score covers several weights."""
         if net.granular:
             net.expand_masks()
             if with_w_eff:

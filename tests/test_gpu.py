@@ -41,6 +41,41 @@ def test_gpu_topk_is_exact_on_random_and_tie_heavy_scores(k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "special"])
+def test_the_cuda_radix_select_gives_its_cpu_models_masks_and_a_stable_sorts(kind):
+    """kernels.cu's top-k kernels against radix_select.MODEL and a stable sort, every group
+    size around a block's (tests/test_radix_select.py checks the model on the CPU)."""
+    from test_radix_select import SIZES, scores
+
+    from scoretrain import kernels
+    from scoretrain.radix_select import MODEL, RadixTopK
+
+    cp = GPU.xp
+    rng = np.random.default_rng(len(kind))
+    groups, at = [], 0
+    for n in SIZES:
+        groups.append((at, at + n))
+        at += n
+    x = np.concatenate([scores(kind, n, rng) for n in SIZES])
+    w = rng.standard_normal(x.size).astype(np.float32)
+    kept = [max(1, (hi - lo) // 3) for lo, hi in groups]
+    results = []
+    for xp, k in ((np, MODEL), (cp, kernels.cuda())):
+        topk = RadixTopK(xp, groups, k)
+        topk.set_kept(kept)
+        mask, w_out = xp.zeros(x.size, bool), xp.zeros(x.size, np.float32)
+        topk.select(xp.asarray(x), mask, xp.asarray(w), w_out)
+        results.append((GPU.to_host(mask) if xp is cp else mask, GPU.to_host(w_out) if xp is cp else w_out,
+                        GPU.to_host(topk.state) if xp is cp else topk.state))
+    (m0, w0, s0), (m1, w1, s1) = results
+    np.testing.assert_array_equal(m1, m0)
+    np.testing.assert_array_equal(w1.view(np.uint32), w0.view(np.uint32))
+    np.testing.assert_array_equal(s1, s0)
+    for (lo, hi), k in zip(groups, kept):
+        np.testing.assert_array_equal(m1[lo:hi], stable_topk(np.abs(x[lo:hi]), k) if kind != "special" else m0[lo:hi])
+
+
+@pytest.mark.gpu
 def test_gpu_topk_writes_into_a_view_and_reads_nothing_back():
     """Network passes views of one flat buffer (m_flat[lo:hi]) as `out`; the threshold stays a
     0-d device array (a host scalar would have cost a sync)."""

@@ -1,6 +1,5 @@
 """The algorithm's numerics: exact top-k masks, layers and methods against finite differences."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -474,59 +473,66 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
     assert not np.array_equal(runs[0][0], np.concatenate([a.ravel() for a in s]))  # the scores did move
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (the CUDA compiler) on this machine")
-def test_cuda_kernel_bodies_compile_and_round_after_every_operation(tmp_path):
-    """kernels.CUDA's bodies, in a kernel shaped as cupy.ElementwiseKernel makes it (inputs as
-    values, outputs as references), compile with nvcc; and the PTX has no fused multiply-add,
-    which would round differently from the array code. (tests/test_gpu.py runs them.)"""
-    from scoretrain.kernels import CUDA
-
-    ctype = {"float32": "float", "bool": "bool"}
-    sources = []
-    for name, (inputs, outputs, body) in CUDA.items():
-        params = [f"const {ctype[t]} {n}" for t, n in (p.split() for p in inputs.split(","))]
-        outs = [p.split() for p in outputs.split(",")]
-        params += [f"{ctype[t]}* _{n}" for t, n in outs]
-        refs = " ".join(f"{ctype[t]} &{n} = _{n}[i];" for t, n in outs)
-        sources.append(f'extern "C" __global__ void {name}({", ".join(params)}, int size) {{\n'
-                       f"int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= size) return;\n{refs}\n{body}\n}}")
-    (tmp_path / "k.cu").write_text("\n".join(sources))
-    r = subprocess.run(["nvcc", "-ptx", "-arch=sm_80", "k.cu", "-o", "k.ptx"], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    ptx = (tmp_path / "k.ptx").read_text()
-    assert all(f".entry {name}(" in ptx for name in CUDA)
-    assert "fma" not in ptx and "mul.rn.f32" in ptx
+C_TYPES = {"float*": np.float32, "unsigned int*": np.uint32, "long long*": np.int64, "int*": np.int32, "bool*": np.bool_,
+           "float": np.float32, "int": np.int32, "long long": np.int64}
 
 
-def test_cuda_kernel_wrappers_pass_each_array_to_its_declared_parameter(monkeypatch):
-    """kernels.cuda() calls the CUDA kernels like the numba loops; the kernels take inputs, then
-    outputs, in CUDA's declared order. A stand-in for cupy.ElementwiseKernel records what each
-    parameter received (the kernels themselves run in tests/test_gpu.py)."""
+def cuda_signatures() -> dict:
+    """Each kernel of kernels.cu: its parameters' C types, in order."""
+    import re
+
+    from scoretrain.kernels import CUDA_SOURCE
+
+    out = {}
+    for name, params in re.findall(r"__global__ void (\w+)\(([^)]*)\)", CUDA_SOURCE.read_text()):
+        types_ = [" ".join(p.replace("const ", "").split()[:-1]).replace(" *", "*") + ("*" if "*" in p.split()[-1] else "")
+                  for p in params.split(",")]
+        out[name] = [t.replace("**", "*") for t in types_]
+    return out
+
+
+def test_cuda_kernel_wrappers_pass_what_each_kernel_declares(monkeypatch):
+    """kernels.cuda() and RadixTopK call every CUDA kernel with its declared parameters: as many,
+    each pointer an array of its C type, each scalar a NumPy scalar of its C type (a float passed
+    as a double, or an int64 as an int, would be garbage on the device). A stand-in for
+    cupy.RawModule records the launches, on NumPy arrays; the kernels run in tests/test_gpu.py."""
     import sys
     import types
 
     from scoretrain import kernels
+    from scoretrain.radix_select import RadixTopK
 
-    calls = {}
+    launches = []
 
-    class ElementwiseKernel:
-        def __init__(self, inputs, outputs, body, name):
-            self.names = [p.split()[1] for p in (inputs + "," + outputs).split(",")]
-            self.kernel = name
+    class RawModule:
+        def __init__(self, code, options, name_expressions=None):
+            assert "__global__" in code and "--std=c++17" in options
 
-        def __call__(self, *args):
-            assert len(args) == len(self.names)
-            calls[self.kernel] = dict(zip(self.names, args))
+        def get_function(self, name):
+            return lambda grid, block, args: launches.append((name, grid, block, args))
 
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ElementwiseKernel=ElementwiseKernel))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
     cuda = kernels.cuda.__wrapped__()
-    cuda.straight_through("G", "W", "S")
-    assert calls["scoretrain_straight_through"] == dict(g="G", w="W", s="S")
-    cuda.update("sgd", "P", "G", ("BUF",), ("LR", "MU", "WD", "NESTEROV"))
-    assert calls["scoretrain_sgd"] == dict(p="P", g="G", buf="BUF", lr="LR", mu="MU", wd="WD", nesterov="NESTEROV")
-    cuda.update("adam", "P", "G", ("M", "V"), ("SS", "B1", "OMB1", "B2", "OMB2", "C2", "EPS", "WD"))
-    assert calls["scoretrain_adam"] == dict(p="P", g="G", m="M", v="V", step_size="SS", b1="B1", one_minus_b1="OMB1",
-                                            b2="B2", one_minus_b2="OMB2", c2="C2", eps="EPS", wd="WD")
+    f = np.zeros(10_000, np.float32)
+    cuda.straight_through(f, f, f)
+    cuda.update("sgd", f, f, (f,), (np.float32(0.1), np.float32(0.9), np.float32(5e-4), True))
+    cuda.update("adam", f, f, (f, f), tuple(np.float32(v) for v in range(8)))
+    topk = RadixTopK(np, [(0, 6000), (6000, 10_000)], cuda)
+    topk.select(f, np.zeros(10_000, bool), f, f)
+    topk.select(f, np.zeros(10_000, bool))
+    signatures = cuda_signatures()
+    assert {name for name, *_ in launches} == set(signatures) == set(kernels.CUDA_KERNELS)
+    for name, grid, block, args in launches:
+        declared = signatures[name]
+        assert len(args) == len(declared), name
+        for i, (c_type, arg) in enumerate(zip(declared, args)):
+            want = C_TYPES[c_type]
+            got = arg.dtype.type if isinstance(arg, np.ndarray) else type(arg)
+            assert got is want and isinstance(arg, np.ndarray) == c_type.endswith("*"), f"{name} parameter {i}: {c_type}, given {got}"
+        assert len(grid) == len(block) == 1 and grid[0] >= 1 and block[0] in (32, 256)
+        if name in ("topk_histogram", "topk_count_ties", "topk_mask"):
+            assert grid == (topk.n_blocks,) and block == (256,)  # a block per CHUNK, kernels.cu's THREADS
+
 
 
 WARM_UP_PROBE = r"""
