@@ -417,7 +417,7 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
     run, cfg = store.open_run(run_dir)
     backend = resolve(device or cfg.device)
     dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-    net = train.network(cfg, backend, run.weights, run.scores)
+    net = train.network(cfg, backend, run.weights, run.scores, run.norms)
     train.enter_epoch(net, cfg, max(run.epochs_done - 1, 0))  # the last epoch's k and (supermask) measuring sample
     w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
     masks_ok = None

@@ -22,7 +22,8 @@ from .errors import ConfigError
 
 METHODS = tuple(methods.METHODS)  # the registry's names: a method is a class in methods.py
 K_METHODS = methods.K_METHODS  # the methods that keep a fixed fraction k of the weights
-ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8")
+ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8", "resnet20", "resnet32", "resnet56", "resnet18", "wrn28")
+BN = ("none", "nonaffine", "affine")
 K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
 SCORE_INITS = ("kaiming_uniform", "kaiming_normal")
@@ -47,9 +48,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     method: str = "edge-popup"  # edge-popup | biprop | supermask | iterand: learn scores; dense: learn the weights
-    arch: str = "mlp"  # mlp (layer widths from `widths`), lenet, conv2, conv4, conv6, conv8
+    arch: str = "mlp"  # mlp (layer widths from `widths`), lenet, conv2, conv4, conv6, conv8, resnet20, resnet32, resnet56, resnet18, wrn28
     widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])  # mlp: inputs, hidden..., classes
-    width: float = 1.0  # conv nets: multiplier of every channel count and hidden width
+    width: float = 1.0  # conv and residual nets: multiplier of every channel count and hidden width
+    bn: str = "none"  # none | nonaffine | affine: batch normalization after every conv (affine: a learned scale and shift)
     k: float = 0.5  # fraction of the weights kept (edge-popup, biprop)
     k_scope: str = "layer"  # layer: k of each layer (the paper); global: k of the whole network
     k_warmup_epochs: int = 0  # k falls geometrically from 1 to k over the first N epochs (0: k from the start)
@@ -184,6 +186,8 @@ def validate(cfg: Config) -> Config:
            f"fewer than data.train_samples ({d.train_samples})", d.val_samples)
     _choice("model.method", m.method, METHODS)
     _choice("model.arch", m.arch, ARCHS)
+    _choice("model.bn", m.bn, BN)
+    _check(m.bn == "none" or m.arch != "mlp", "model.bn", "none for an mlp (BatchNorm follows convs: a conv or residual arch)", m.bn)
     _choice("model.k_scope", m.k_scope, K_SCOPES)
     _check(m.width > 0, "model.width", "a positive number", m.width)
     _choice("model.init", m.init, INITS)

@@ -27,14 +27,7 @@ FORMAT_VERSION = 1
 def architecture(net) -> list[dict]:
     """The layer list as plain dicts (each layer's describe()); weight layers name their array in
     the file."""
-    out, wi = [], 0
-    for layer in net.layers:
-        entry = layer.describe()
-        if hasattr(layer, "shape"):
-            entry = {"type": entry.pop("type"), "weight": f"weight_{wi:02d}", **entry}
-            wi += 1
-        out.append(entry)
-    return out
+    return [layer.describe() for layer in net.layers]
 
 
 def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
@@ -43,7 +36,7 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
     run_dir = Path(run_dir)
     run, cfg = store.open_run(run_dir)
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
-    net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores)
+    net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
     w_eff = net.effective_weights(train=False)  # dense: the weights; else masks from the scores
     if run.masks is not None:
         w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself, as `scoretrain eval` uses
@@ -54,6 +47,7 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
             "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
             "scoretrain_version": run.attrs.get("scoretrain_version")}
     out = {f"weight_{i:02d}": np.array(we, dtype=np.float32) for i, we in enumerate(w_eff)}  # copies of the views
+    out.update({f"batchnorm_{i:02d}": np.array(s, dtype=np.float32) for i, s in enumerate(net.norm_state())})  # [mean, var]
     out.update(
         architecture=np.array(json.dumps(architecture(net))),
         info=np.array(json.dumps(info)),

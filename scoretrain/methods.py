@@ -198,7 +198,7 @@ class Method:
     def update(self, net, opt, lr: float) -> None:
         """The optimizer's step on what is learned, from backward's dL/dW_eff."""
         self.gradient(net)
-        opt.step(net.params, [net.sg_flat], lr)
+        opt.step(net.params, net.param_grads, lr)
 
 
 def masked(net) -> list:
@@ -308,7 +308,7 @@ class EdgePopup(TopK):
 
     def __init__(self, net, cfg):
         super().__init__(net, cfg)
-        if net.xp is np and not net.granular and fused(np, net.s_flat):
+        if net.xp is np and not net.granular and net.bn_flat is None and fused(np, net.s_flat):  # (one learned tensor)
             self.fast = FusedScoreStep(net, self.groups)
 
     def effective_weights(self, net, train: bool) -> list:

@@ -22,9 +22,11 @@ RELU_GAIN = math.sqrt(2.0)
 
 
 # --- layers -----------------------------------------------------------------------------------
-# Weight layers: forward(x, w) -> (y, cache); backward(d, cache, w, gw, need_dx) -> dx, with
-# dL/dW written into gw. Other layers: forward(x) -> (y, cache); backward(d, cache) -> dx.
-# Every layer says its output shape (output_shape) and describes itself for `export` (describe).
+# Every layer: forward(x, w_eff, train) -> (y, cache) and backward(d, cache, w_eff, grads, need_dx)
+# -> dx. A weight layer computes with w_eff[self.index] and writes dL/dW_eff into grads[self.index]
+# (build_layers numbers them in forward order); `train` is the training pass (BatchNorm's batch
+# statistics) or the measuring one. A block is a layer made of layers (its `children`). Every
+# layer says its output shape (output_shape) and describes itself for `export` (describe).
 # Images are channels-last, [N, H, W, C]; conv weights are [out, kh, kw, in].
 
 
@@ -32,7 +34,7 @@ class Linear:
     kind = "linear"
 
     def __init__(self, xp, n_in: int, n_out: int):
-        self.xp, self.shape, self.fan_in = xp, (n_out, n_in), n_in
+        self.xp, self.shape, self.fan_in, self.index = xp, (n_out, n_in), n_in, None
 
     def output_shape(self, shape: tuple) -> tuple[tuple, int]:
         """The output's per-sample shape for an input's, and how many more values per sample the
@@ -41,56 +43,69 @@ class Linear:
 
     def describe(self) -> dict:
         """What export writes of the layer: x @ W.T, no bias."""
-        return {"type": "linear", "shape": list(self.shape)}
+        return {"type": "linear", "weight": f"weight_{self.index:02d}", "shape": list(self.shape)}
 
-    def forward(self, x, w):
-        return x @ w.T, x
+    def forward(self, x, w_eff, train):
+        return x @ w_eff[self.index].T, x
 
-    def backward(self, d, x, w, gw, need_dx):
-        self.xp.matmul(d.T, x, out=gw)
-        return d @ w if need_dx else None
+    def backward(self, d, x, w_eff, grads, need_dx):
+        self.xp.matmul(d.T, x, out=grads[self.index])
+        return d @ w_eff[self.index] if need_dx else None
 
 
 class Conv2d:
-    """A k x k convolution, stride 1, zero 'same' padding, as one GEMM over im2col patches."""
+    """A k x k convolution with a stride, zero padding (k // 2 by default: 'same' at stride 1),
+    as one GEMM over im2col patches."""
 
     kind = "conv"
 
-    def __init__(self, xp, c_in: int, c_out: int, k: int):
-        self.xp, self.shape, self.fan_in = xp, (c_out, k, k, c_in), c_in * k * k
-        self.k, self.pad = k, k // 2
+    def __init__(self, xp, c_in: int, c_out: int, k: int, stride: int = 1, pad: int | None = None):
+        self.xp, self.shape, self.fan_in, self.index = xp, (c_out, k, k, c_in), c_in * k * k, None
+        self.k, self.stride, self.pad = k, stride, k // 2 if pad is None else pad
+
+    def _out(self, h: int, w: int) -> tuple[int, int]:
+        k, s, p = self.k, self.stride, self.pad
+        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
 
     def output_shape(self, shape: tuple) -> tuple[tuple, int]:
         h, w, c = shape
-        return (h, w, self.shape[0]), h * w * self.k * self.k * c
+        ho, wo = self._out(h, w)
+        return (ho, wo, self.shape[0]), ho * wo * self.k * self.k * c
 
     def describe(self) -> dict:
-        return {"type": "conv", "shape": list(self.shape), "padding": "same", "stride": 1}
+        same = self.stride == 1 and self.pad == self.k // 2
+        return {"type": "conv", "weight": f"weight_{self.index:02d}", "shape": list(self.shape),
+                "padding": "same" if same else self.pad, "stride": self.stride}
 
-    def forward(self, x, w):
-        xp, k, p = self.xp, self.k, self.pad
+    def forward(self, x, w_eff, train):
+        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
         n, h, wd, c = x.shape
-        padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
-        padded[:, p : p + h, p : p + wd] = x
-        # im2col as a strided view [n, h, w, k, k, c] of the padded input; the reshape copies it once
+        ho, wo = self._out(h, wd)
+        if p:
+            padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
+            padded[:, p : p + h, p : p + wd] = x
+        else:
+            padded = xp.ascontiguousarray(x)
+        # im2col as a strided view [n, ho, wo, k, k, c] of the padded input; the reshape copies it once
         sn, sh, sw, sc = padded.strides
-        cols = xp.lib.stride_tricks.as_strided(padded, (n, h, wd, k, k, c), (sn, sh, sw, sh, sw, sc))
-        cols = cols.reshape(n * h * wd, k * k * c)
+        cols = xp.lib.stride_tricks.as_strided(padded, (n, ho, wo, k, k, c), (sn, sh * st, sw * st, sh, sw, sc))
+        cols = cols.reshape(n * ho * wo, k * k * c)
         y = cols @ w.reshape(len(w), -1).T
-        return y.reshape(n, h, wd, len(w)), (cols, x.shape)
+        return y.reshape(n, ho, wo, len(w)), (cols, x.shape)
 
-    def backward(self, d, cache, w, gw, need_dx):
-        xp, k, p = self.xp, self.k, self.pad
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
         cols, (n, h, wd, c) = cache
+        ho, wo = d.shape[1:3]
         d2 = d.reshape(-1, len(w))
-        xp.matmul(d2.T, cols, out=gw.reshape(len(w), -1))
+        xp.matmul(d2.T, cols, out=grads[self.index].reshape(len(w), -1))
         if not need_dx:
             return None
-        dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, h, wd, k, k, c)
+        dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, ho, wo, k, k, c)
         dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
         for i in range(k):  # col2im: each patch adds its gradient back where it was read
             for j in range(k):
-                dx[:, i : i + h, j : j + wd] += dcols[:, :, :, i, j]
+                dx[:, i : i + st * (ho - 1) + 1 : st, j : j + st * (wo - 1) + 1 : st] += dcols[:, :, :, i, j]
         return dx[:, p : p + h, p : p + wd]
 
 
@@ -104,12 +119,85 @@ class ReLU:
     def describe(self) -> dict:
         return {"type": "relu"}
 
-    def forward(self, x):
+    def forward(self, x, w_eff, train):
         y = self.xp.maximum(x, 0, out=x)  # in place: x is always the previous layer's own output
         return y, y
 
-    def backward(self, d, y):
+    def backward(self, d, y, w_eff, grads, need_dx):
         return d * (y > 0)
+
+
+class BatchNorm:
+    """Batch normalization over the channels (the last axis): (x - mean) / sqrt(var + eps), then
+    with `affine` a learned scale and shift per channel, gamma * x + beta (biprop's "learned BN";
+    model.bn: affine), else none (the score methods' default, model.bn: nonaffine). Training
+    uses the batch's mean and (biased) variance and moves the running statistics by `momentum`
+    towards them (the unbiased variance, as PyTorch); measuring uses the running statistics.
+    run.h5 stores both, and gamma and beta. The Network owns gamma and beta (views of its flat
+    bn_flat, which the optimizer updates with the learned tensor) and their gradients."""
+
+    kind = "batchnorm"
+
+    def __init__(self, xp, c: int, affine: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+        self.xp, self.c, self.affine, self.momentum, self.eps = xp, c, affine, momentum, eps
+        self.mean, self.var = xp.zeros(c, np.float32), xp.ones(c, np.float32)
+        self.gamma = self.beta = self.dgamma = self.dbeta = None  # affine: set by the Network
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return shape, math.prod(shape)  # it keeps its input for the backward pass
+
+    def describe(self) -> dict:
+        return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
+
+    def forward(self, x, w_eff, train):
+        xp, axes = self.xp, tuple(range(x.ndim - 1))
+        if train:
+            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            n, m = x.size // self.c, self.momentum
+            self.mean *= 1 - m
+            self.mean += (m * mean).astype(self.mean.dtype)
+            self.var *= 1 - m
+            self.var += (m * n / max(n - 1, 1) * var).astype(self.var.dtype)
+        else:
+            mean, var = self.mean.astype(x.dtype), self.var.astype(x.dtype)
+        inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        y = (x - mean) * inv
+        if self.affine:
+            y *= self.gamma.astype(x.dtype)
+            y += self.beta.astype(x.dtype)
+        return y, (x, mean, inv, train)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        x, mean, inv, train = cache  # its input, not its output: a ReLU after it works in place on that
+        axes, n = tuple(range(d.ndim - 1)), d.size // self.c
+        xhat = (x - mean) * inv
+        if self.affine:
+            self.dgamma[...] = (d * xhat).sum(axis=axes)
+            self.dbeta[...] = d.sum(axis=axes)
+            d = d * self.gamma.astype(d.dtype)
+        if not train:
+            return d * inv
+        return (d - d.sum(axis=axes) / n - xhat * ((d * xhat).sum(axis=axes) / n)) * inv
+
+
+class GlobalAvgPool:
+    """The mean over each channel's positions: [N, H, W, C] -> [N, C]."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return (shape[-1],), 0
+
+    def describe(self) -> dict:
+        return {"type": "global_avg_pool"}
+
+    def forward(self, x, w_eff, train):
+        return x.mean(axis=(1, 2)), x.shape
+
+    def backward(self, d, shape, w_eff, grads, need_dx):
+        n, h, w, c = shape
+        return self.xp.broadcast_to((d / (h * w))[:, None, None, :], shape)
 
 
 class MaxPool2d:
@@ -131,12 +219,12 @@ class MaxPool2d:
         h2, w2 = x.shape[1] // 2, x.shape[2] // 2
         return [x[:, a : 2 * h2 : 2, b : 2 * w2 : 2] for a in (0, 1) for b in (0, 1)]
 
-    def forward(self, x):
+    def forward(self, x, w_eff, train):
         c = self._corners(x)
         y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
         return y, (x, y)
 
-    def backward(self, d, cache):
+    def backward(self, d, cache, w_eff, grads, need_dx):
         xp = self.xp
         x, y = cache
         dx = xp.zeros(x.shape, dtype=d.dtype)
@@ -156,11 +244,82 @@ class Flatten:
     def describe(self) -> dict:
         return {"type": "flatten"}
 
-    def forward(self, x):
+    def forward(self, x, w_eff, train):
         return x.reshape(len(x), -1), x.shape
 
-    def backward(self, d, shape):
+    def backward(self, d, shape, w_eff, grads, need_dx):
         return d.reshape(shape)
+
+
+class ResidualBlock:
+    """He et al.'s basic block: relu(main(x) + shortcut(x)), main = conv3x3 (stride) [BN] ReLU
+    conv3x3 [BN], shortcut = x, or a projection, conv1x1 (stride) [BN], where the shape changes."""
+
+    kind = "block"
+
+    def __init__(self, xp, c_in: int, c_out: int, stride: int, bn: str):
+        self.xp = xp
+        self.main = [Conv2d(xp, c_in, c_out, 3, stride), *norm(xp, c_out, bn), ReLU(xp), Conv2d(xp, c_out, c_out, 3), *norm(xp, c_out, bn)]
+        project = stride != 1 or c_in != c_out
+        self.shortcut = [Conv2d(xp, c_in, c_out, 1, stride, pad=0), *norm(xp, c_out, bn)] if project else []
+        self.children = self.main + self.shortcut
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        kept, ends = 0, []  # every inner layer's output and extras live until the backward pass
+        for path in (self.main, self.shortcut):
+            s = shape
+            for layer in path:
+                s, extra = layer.output_shape(s)
+                kept += math.prod(s) + extra
+            ends.append(s)
+        return ends[0], kept
+
+    def describe(self) -> dict:
+        return {"type": "residual", "main": [l.describe() for l in self.main],
+                "shortcut": [l.describe() for l in self.shortcut] or "identity"}
+
+    def forward(self, x, w_eff, train):
+        y, s = x, x
+        main, short = [], []
+        for layer in self.main:
+            y, c = layer.forward(y, w_eff, train)
+            main.append(c)
+        for layer in self.shortcut:
+            s, c = layer.forward(s, w_eff, train)
+            short.append(c)
+        out = y + s
+        out = self.xp.maximum(out, 0, out=out)
+        return out, (main, short, out)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        main, short, out = cache
+        d = d * (out > 0)
+        dm, ds = d, d
+        for layer, c in zip(reversed(self.main), reversed(main)):
+            dm = layer.backward(dm, c, w_eff, grads, True)
+        for layer, c in zip(reversed(self.shortcut), reversed(short)):
+            ds = layer.backward(ds, c, w_eff, grads, True)
+        return dm + ds
+
+
+def norm(xp, c: int, bn: str) -> list:
+    """The normalization after a conv: model.bn."""
+    return [] if bn == "none" else [BatchNorm(xp, c, affine=bn == "affine")]
+
+
+def walk(layers: list):
+    """Every layer, blocks' children included, in forward order."""
+    for layer in layers:
+        yield layer
+        yield from walk(getattr(layer, "children", []))
+
+
+def weight_layers(layers: list) -> list:
+    return [l for l in walk(layers) if hasattr(l, "shape")]
+
+
+def norm_layers(layers: list) -> list:
+    return [l for l in walk(layers) if isinstance(l, BatchNorm)]
 
 
 # The VGG-like nets of the lottery-ticket and edge-popup papers (3x3 convs, 'M' = 2x2 max
@@ -172,24 +331,47 @@ ARCHS = {
     "conv8": (3, [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"], [256, 256]),
     "lenet": (5, [32, "M", 64, "M"], [512]),
 }
+# Residual nets: (stem channels, channels per stage, blocks per stage, whether model.width scales
+# the stem). The CIFAR ResNets of He et al. (6n + 2 layers, 16-32-64 channels), the CIFAR
+# ResNet-18 (hidden-networks' cResNet18), and a wide ResNet of depth 28 (Zagoruyko & Komodakis:
+# 4 blocks per stage of 16k-32k-64k channels, k = model.width; a stem of 16 whatever k).
+RESNETS = {
+    "resnet20": (16, [16, 32, 64], 3, True),
+    "resnet32": (16, [16, 32, 64], 5, True),
+    "resnet56": (16, [16, 32, 64], 9, True),
+    "resnet18": (64, [64, 128, 256, 512], 2, True),
+    "wrn28": (16, [16, 32, 64], 4, False),
+}
 
 
 def build_layers(xp, cfg: ModelConfig, image_shape: tuple[int, int, int], n_classes: int) -> list:
     """The layer list of `cfg.arch` for [N, H, W, C] inputs. `mlp` takes its widths from
-    cfg.widths; the conv nets scale every channel count and hidden width by cfg.width."""
+    cfg.widths; the conv and residual nets scale every channel count and hidden width by
+    cfg.width. The weight layers are numbered in forward order, BatchNorms likewise."""
     h, w, c = image_shape
+    scale = lambda n: max(1, int(round(n * cfg.width)))  # noqa: E731
     layers = []
+    if cfg.arch in RESNETS:
+        stem, stages, blocks, wide_stem = RESNETS[cfg.arch]
+        stem = scale(stem) if wide_stem else stem
+        layers += [Conv2d(xp, c, stem, 3), *norm(xp, stem, cfg.bn), ReLU(xp)]
+        c = stem
+        for i, width in enumerate(stages):
+            for j in range(blocks):
+                layers.append(ResidualBlock(xp, c, scale(width), 2 if i > 0 and j == 0 else 1, cfg.bn))
+                c = scale(width)
+        layers += [GlobalAvgPool(xp), Linear(xp, c, n_classes)]
+        return _numbered(layers)
     if cfg.arch == "mlp":
         widths = cfg.widths
     else:
         k, convs, fcs = ARCHS[cfg.arch]
-        scale = lambda n: max(1, int(round(n * cfg.width)))  # noqa: E731
         for item in convs:
             if item == "M":
                 layers.append(MaxPool2d(xp))
                 h, w = h // 2, w // 2
             else:
-                layers += [Conv2d(xp, c, scale(item), k), ReLU(xp)]
+                layers += [Conv2d(xp, c, scale(item), k), *norm(xp, scale(item), cfg.bn), ReLU(xp)]
                 c = scale(item)
         widths = [h * w * c] + [scale(n) for n in fcs] + [n_classes]
     layers.append(Flatten())
@@ -197,6 +379,14 @@ def build_layers(xp, cfg: ModelConfig, image_shape: tuple[int, int, int], n_clas
         layers.append(Linear(xp, n_in, n_out))
         if i < len(widths) - 2:
             layers.append(ReLU(xp))
+    return _numbered(layers)
+
+
+def _numbered(layers: list) -> list:
+    for i, layer in enumerate(weight_layers(layers)):
+        layer.index = i
+    for i, layer in enumerate(norm_layers(layers)):
+        layer.number = i
     return layers
 
 
@@ -220,7 +410,7 @@ def init_network(cfg: ModelConfig, seed: int, image_shape=(28, 28, 1), n_classes
     """Host float32 weights (and scores, for the methods that learn them) for a seed. The
     weights are drawn first, so every method of one seed starts from the same random network."""
     rng = np.random.default_rng(seed)
-    weighted = [l for l in build_layers(np, cfg, image_shape, n_classes) if hasattr(l, "shape")]
+    weighted = weight_layers(build_layers(np, cfg, image_shape, n_classes))
     weights = [draw_weights(rng, cfg, layer) for layer in weighted]
     if METHODS[cfg.method].learns == "weights":
         return weights, None
@@ -269,11 +459,28 @@ class Network:
     and a step allocates nothing that grows with the network."""
 
     def __init__(self, xp, cfg: ModelConfig, weights: list, scores: list | None,
-                 image_shape=(28, 28, 1), n_classes: int = 10):
+                 image_shape=(28, 28, 1), n_classes: int = 10, norms: list | None = None):
         self.xp = xp
         self.layers = build_layers(xp, cfg, image_shape, n_classes)
-        self.weighted = [i for i, l in enumerate(self.layers) if hasattr(l, "shape")]
-        shapes = [self.layers[i].shape for i in self.weighted]
+        self.weight_layers = weight_layers(self.layers)
+        # backward stops at the first top-level layer holding weights: nothing before it learns
+        self.first = next(i for i, l in enumerate(self.layers) if weight_layers([l]))
+        self.norms = norm_layers(self.layers)
+        # the affine BatchNorms' gamma and beta: one flat buffer (gamma 1, beta 0 at the start),
+        # learned with the method's tensor, and its gradient
+        affine = [n for n in self.norms if n.affine]
+        self.bn_flat = self.bn_grad = None
+        if affine:
+            self.bn_flat = xp.concatenate([xp.concatenate([xp.ones(n.c, np.float32), xp.zeros(n.c, np.float32)]) for n in affine])
+            self.bn_grad = xp.zeros_like(self.bn_flat)
+            at = 0
+            for n in affine:
+                n.gamma, n.beta = self.bn_flat[at : at + n.c], self.bn_flat[at + n.c : at + 2 * n.c]
+                n.dgamma, n.dbeta = self.bn_grad[at : at + n.c], self.bn_grad[at + n.c : at + 2 * n.c]
+                at += 2 * n.c
+        if norms is not None:  # a stored run's running statistics (and gamma, beta)
+            self.set_norm_state(norms)
+        shapes = [l.shape for l in self.weight_layers]
         ends = np.cumsum([math.prod(s) for s in shapes]).tolist()
         self.layer_bounds = list(zip([0] + ends[:-1], ends))  # each layer's span of the flat buffers
         flat = lambda arrays: xp.concatenate([xp.asarray(a).ravel() for a in arrays])  # noqa: E731 - a device copy
@@ -302,13 +509,20 @@ class Network:
             self.sg_flat = xp.empty_like(self.s_flat)
             self.score_grads = _views(self.sg_flat, [s.shape for s in self.scores])
         # fresh random weights of weight layer i, for the methods that redraw some (IteRand)
-        self.draw = lambda rng, i: draw_weights(rng, cfg, self.layers[self.weighted[i]])
+        self.draw = lambda rng, i: draw_weights(rng, cfg, self.weight_layers[i])
         self.method = METHODS[cfg.method](self, cfg)
 
     @property
     def params(self) -> list:
-        """What the optimizer updates: one flat tensor (its gradient: sg_flat)."""
-        return [self.s_flat if self.method.learns == "scores" else self.w_flat]
+        """What the optimizer updates: one flat tensor (its gradient: sg_flat), and the affine
+        BatchNorms' gamma and beta (bn_flat; gradient bn_grad) where there are any."""
+        learned = [self.s_flat if self.method.learns == "scores" else self.w_flat]
+        return learned + ([self.bn_flat] if self.bn_flat is not None else [])
+
+    @property
+    def param_grads(self) -> list:
+        """The gradients of `params`, once backward and the method's gradient have run."""
+        return [self.sg_flat] + ([self.bn_grad] if self.bn_grad is not None else [])
 
     def expand_masks(self) -> None:
         """The weights' masks from their units' (score_granularity kernel or filter)."""
@@ -340,28 +554,33 @@ class Network:
             buf[...] = self.xp.asarray(m)
         return self.method.combine(self)
 
-    def forward(self, x, w_eff: list):
-        """Logits, and what each layer keeps for the backward pass."""
-        caches, wi = [], 0
+    def norm_state(self) -> list:
+        """Each BatchNorm's state, on the device: [mean, var] stacked ([2, C]), affine ones
+        [mean, var, gamma, beta] ([4, C])."""
+        return [self.xp.stack([n.mean, n.var] + ([n.gamma, n.beta] if n.affine else [])) for n in self.norms]
+
+    def set_norm_state(self, states: list) -> None:
+        for n, s in zip(self.norms, states, strict=True):
+            if len(s) != (4 if n.affine else 2):
+                raise ValueError(f"BatchNorm state of {len(s)} rows for a {'affine' if n.affine else 'non-affine'} layer")
+            n.mean[...], n.var[...] = self.xp.asarray(s[0]), self.xp.asarray(s[1])
+            if n.affine:
+                n.gamma[...], n.beta[...] = self.xp.asarray(s[2]), self.xp.asarray(s[3])
+
+    def forward(self, x, w_eff: list, train: bool = True):
+        """Logits, and what each layer keeps for the backward pass. `train`: the training pass
+        (BatchNorm normalizes by the batch and moves its running statistics), else measuring."""
+        caches = []
         for layer in self.layers:
-            if hasattr(layer, "shape"):
-                x, cache = layer.forward(x, w_eff[wi])
-                wi += 1
-            else:
-                x, cache = layer.forward(x)
+            x, cache = layer.forward(x, w_eff, train)
             caches.append(cache)
         return x, caches
 
     def backward(self, caches: list, w_eff: list, dlogits) -> None:
         """dL/dW_eff, from dL/dlogits, into self.grads (views of self.g_flat)."""
-        d, wi = dlogits, len(self.weighted) - 1
-        for i in reversed(range(self.weighted[0], len(self.layers))):
-            layer = self.layers[i]
-            if hasattr(layer, "shape"):
-                d = layer.backward(d, caches[i], w_eff[wi], self.grads[wi], need_dx=i > self.weighted[0])
-                wi -= 1
-            else:
-                d = layer.backward(d, caches[i])
+        d = dlogits
+        for i in reversed(range(self.first, len(self.layers))):
+            d = self.layers[i].backward(d, caches[i], w_eff, self.grads, need_dx=i > self.first)
 
     def update(self, opt, lr: float) -> None:
         """The optimizer's step on `params`, from backward's dL/dW_eff, as the method makes it (on
@@ -372,7 +591,7 @@ class Network:
     def learned_gradient(self) -> list:
         """dL/dW_eff (backward's) -> dL/d(learned tensor): the gradients of `params` (sg_flat)."""
         self.method.gradient(self)
-        return [self.sg_flat]
+        return self.param_grads
 
 
 def cross_entropy(xp, logits, y, grad: bool = True):

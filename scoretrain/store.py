@@ -27,7 +27,7 @@ from . import config as config_mod
 from .data import SHAPES
 from .errors import ConfigError, RunError
 from .methods import METHODS
-from .model import build_layers, score_shape
+from .model import build_layers, norm_layers, score_shape, weight_layers
 
 try:
     import fcntl
@@ -55,6 +55,7 @@ class Run:
     k: float = 1.0
     metrics: dict[str, list] = field(default_factory=lambda: {m: [] for m in METRICS})
     optimizer: dict | None = None  # {"name", "steps", "slots": {slot: [arrays]}}
+    norms: list[np.ndarray] | None = None  # each BatchNorm's [mean, var(, gamma, beta)] ([2 or 4, C]); None: no BatchNorm, or none yet
     mask_change_layers: list[list[float]] = field(default_factory=list)  # per epoch, per layer
     epochs_saved: int | None = None  # epochs in the run.h5 on disk, as last written or read (None: no file yet)
     edited: str | None = None  # open_run: where config.yaml no longer says what run.h5 records (see edited())
@@ -180,6 +181,8 @@ def _write_h5(path: Path, run: Run) -> None:
                     g.create_dataset("mask", data=run.masks[i].astype(np.uint8))
                 if run.mask_change_layers:
                     g.create_dataset("mask_change", data=np.array([row[i] for row in run.mask_change_layers]))
+        for i, s in enumerate(run.norms or []):
+            f.create_dataset(f"batchnorm/{i:02d}/state", data=np.asarray(s, np.float32))
         m = f.create_group("metrics")
         for key in METRICS:
             dtype = np.int32 if key == "epoch" else np.float64
@@ -248,6 +251,8 @@ def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
         mask_change_layers=np.stack([g["mask_change"][()] for g in layers], axis=1).tolist()
         if layers and all("mask_change" in g for g in layers) else [],
     )
+    if "batchnorm" in f:
+        run.norms = [f["batchnorm"][name]["state"][()] for name in sorted(f["batchnorm"])]
     run.epochs_saved = run.epochs_done
     if with_optimizer and "optimizer" in f:
         o = f["optimizer"]
@@ -287,8 +292,10 @@ def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
     are learned, and k. (A run's own spec always does; a config.yaml edited beside an older
     run.h5, which keeps no spec, may not.)"""
     h, w, c, classes = SHAPES[cfg.data.name]
-    shapes = [l.shape for l in build_layers(np, cfg.model, (h, w, c), classes) if hasattr(l, "shape")]
+    layers = build_layers(np, cfg.model, (h, w, c), classes)
+    shapes = [l.shape for l in weight_layers(layers)]
     found = [tuple(a.shape) for a in run.weights]
+    norms = [(4 if n.affine else 2, n.c) for n in norm_layers(layers)]
     problem = None
     if shapes != found:
         problem = f"its layers are {_shapes(shapes)}, run.h5 holds {_shapes(found)}"
@@ -298,6 +305,8 @@ def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
         problem = f"model.score_granularity is {cfg.model.score_granularity}, run.h5's scores are {_shapes([s.shape for s in run.scores])}"
     elif run.scores is not None and run.k != cfg.model.k:
         problem = f"model.k is {cfg.model.k:g}, run.h5's masks keep {run.k:g}"
+    elif run.norms is not None and [tuple(s.shape) for s in run.norms] != norms:
+        problem = f"model.bn is {cfg.model.bn}: BatchNorm states {_shapes(norms) or 'none'}, run.h5 holds {_shapes([s.shape for s in run.norms])}"
     if problem:
         raise RunError(f"{run_dir}: the spec does not describe run.h5 ({problem}): restore the config.yaml it was trained with")
 

@@ -23,7 +23,7 @@ from .backend import Backend, address_limit
 from .config import Config, dump
 from .errors import ConfigError, RunError
 from .methods import METHODS, k_at
-from .model import Network, build_layers, cross_entropy, init_network
+from .model import Network, build_layers, cross_entropy, init_network, weight_layers
 
 
 @dataclass
@@ -60,10 +60,11 @@ def load_data(cfg: Config, backend: Backend, mean=None, std=None) -> DeviceData:
                       dev(x_val), None if y_val is None else backend.asarray(y_val))
 
 
-def network(cfg: Config, backend: Backend, weights: list, scores: list | None) -> Network:
-    """The network of `cfg` for its dataset's image shape, its tensors copied onto the device."""
+def network(cfg: Config, backend: Backend, weights: list, scores: list | None, norms: list | None = None) -> Network:
+    """The network of `cfg` for its dataset's image shape, its tensors (and a stored run's
+    BatchNorm statistics) copied onto the device."""
     h, w, c, classes = data.SHAPES[cfg.data.name]
-    return Network(backend.xp, cfg.model, weights, scores, (h, w, c), classes)
+    return Network(backend.xp, cfg.model, weights, scores, (h, w, c), classes, norms)
 
 
 def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int]:
@@ -72,7 +73,7 @@ def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int
     once at the least, computed from the layer shapes alone, before anything is allocated."""
     h, w, c, classes = data.SHAPES[cfg.data.name]
     layers = build_layers(np, cfg.model, (h, w, c), classes)
-    n_weights = sum(math.prod(l.shape) for l in layers if hasattr(l, "shape"))
+    n_weights = sum(math.prod(l.shape) for l in weight_layers(layers))
     shape, per_sample = (h, w, c), math.prod((h, w, c))
     for layer in layers:  # every layer's output (and a conv's patches) lives until the backward pass
         shape, extra = layer.output_shape(shape)
@@ -140,7 +141,7 @@ def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, f
     xp = net.xp
     loss, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
     for i in range(0, len(y), batch_size):
-        logits, _ = net.forward(x[i : i + batch_size], w_eff)
+        logits, _ = net.forward(x[i : i + batch_size], w_eff, train=False)
         l, c, _ = cross_entropy(xp, logits, y[i : i + batch_size], grad=False)
         loss += l
         correct += c
@@ -284,7 +285,7 @@ def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):
     """The network and optimizer on the device, from the run's state (fresh or resumed). The
     network holds copies: training updates its arrays in place, and the checkpoint saved on an
     interrupt must still hold the last finished epoch (run.*)."""
-    net = network(cfg, backend, run.weights, run.scores)
+    net = network(cfg, backend, run.weights, run.scores, run.norms)
     opt = optim.make(backend.xp, net.params, cfg.train)
     if run.optimizer is not None:  # resuming
         opt.steps = run.optimizer["steps"]
@@ -359,6 +360,8 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             run.metrics[key].append(value)
         if net.method.changes_weights:  # dense trains them, IteRand redraws the pruned ones
             run.weights = host(net.weights)
+        if net.norms:
+            run.norms = host(net.norm_state())
         run.optimizer = {"name": t.optimizer, "steps": opt.steps,
                          "slots": {s: host(v) for s, v in opt.state.items()}}
         if run.epochs_done == t.epochs:

@@ -362,7 +362,7 @@ def test_an_explicit_root_without_the_archive_names_it(tmp_path):
 
 # ----------------------------------------------------------------------------- the shipped configs
 
-@pytest.mark.parametrize("arch", ["conv2", "conv6", "conv8"])
+@pytest.mark.parametrize("arch", ["conv2", "conv6", "conv8", "resnet18"])
 def test_shipped_cifar_config_trains_end_to_end_on_fixture_data(serve, batches, tmp_path, arch):
     """configs/cifar10_convN.yaml through `fit` (download, verify, augment, train, checkpoint)
     and `eval`, on the fixture archive and a thin net: the smoke run of the CIFAR-10 path."""

@@ -58,7 +58,7 @@ def test_resolved_spec_round_trips_through_yaml(tmp_path):
         ("model.widths=[784,250,9]", "model.widths[-1]: expected 10 (the classes of mnist), got 9"),
         ("model.widths=[784,a,10]", "model.widths[1]: expected an integer, got 'a'"),
         ("model.method=lottery", "model.method: expected one of edge-popup, dense, supermask, biprop, iterand, got 'lottery'"),
-        ("model.arch=resnet", "model.arch: expected one of mlp, lenet, conv2, conv4, conv6, conv8, got 'resnet'"),
+        ("model.arch=resnet", "model.arch: expected one of mlp, lenet, conv2, conv4, conv6, conv8, resnet20, resnet32, resnet56, resnet18, wrn28, got 'resnet'"),
         ("model.k_scope=net", "model.k_scope: expected one of layer, global, got 'net'"),
         ("train.schedule=linear", "train.schedule: expected one of cosine, constant, step, got 'linear'"),
         ("device=tpu", "device: expected auto, cpu, gpu or gpu:N, got 'tpu'"),

@@ -131,6 +131,9 @@ KINDS = {
     "mlp-global": ((28, 28, 1), dict(widths=[784, 256, 128, 10], k_scope="global")),
     "conv2": ((32, 32, 3), dict(arch="conv2", width=0.125)),
     "lenet-global": ((28, 28, 1), dict(arch="lenet", width=0.25, k_scope="global")),
+    # residual blocks (strided and 1x1 convs, global average pooling) with BatchNorm of both kinds
+    "resnet20-bn": ((28, 28, 1), dict(arch="resnet20", width=0.25, bn="nonaffine")),
+    "resnet20-affine": ((32, 32, 3), dict(arch="resnet20", width=0.25, bn="affine")),
 }
 
 

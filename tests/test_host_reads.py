@@ -16,6 +16,7 @@ VARIANTS = {
     "iterand": dict(method="iterand", rerand_freq=2), "global k": dict(k_scope="global"),
     "per filter": dict(score_granularity="filter"), "dense last": dict(dense_last=True),
     "conv": dict(arch="lenet", width=0.125),
+    "resnet, BN": dict(arch="resnet20", width=0.25, bn="nonaffine"), "resnet, affine BN": dict(arch="resnet20", width=0.25, bn="affine"),
 }
 
 

@@ -154,6 +154,14 @@ def test_the_pool_trains_each_run_as_fit_would(uninterrupted, tmp_path):
     assert POOL_ENV["OPENBLAS_NUM_THREADS"] == POOL_ENV["OMP_NUM_THREADS"] == str(THREADS)
 
 
+def test_a_gpu_pool_gives_each_worker_one_device_and_its_share_of_the_cores():
+    env = sweep_mod.worker_env(3, "1")
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == "3"
+    assert "CUDA_VISIBLE_DEVICES" not in sweep_mod.worker_env(1) or os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+    out = scoretrain("sweep", FC, *GRID, "--gpus", "0,x", "--dry-run")
+    assert out.returncode == 2 and "--gpus '0,x': expected device ids" in out.stderr
+
+
 def test_running_it_again_trains_nothing_and_changes_nothing(uninterrupted, tmp_path):
     folder = tmp_path / "sweep"
     import shutil
@@ -287,7 +295,7 @@ def slurm(tmp_path_factory):
 
 def test_slurm_job_array_trains_the_sweep(slurm, uninterrupted, tmp_path):
     folder = tmp_path / "sweep"
-    out = scoretrain("sweep", FC, *GRID, *BASE, "--launcher", "slurm", "--time", "10", "--cpus-per-run", str(THREADS), "--wait",
+    out = scoretrain("sweep", FC, *GRID, *BASE, "--launcher", "slurm", "--time", "10", "--cpus-per-run", str(THREADS), "--mem", "500M", "--slurm", "comment=scoretrain-test", "--wait",
                      "--runs-dir", str(folder), env=slurm.env)
     assert out.returncode == 0, out.stdout + out.stderr + slurm.logs()
     assert "submitted Slurm job array" in out.stderr and "4 runs: 4 completed" in out.stdout
@@ -295,6 +303,7 @@ def test_slurm_job_array_trains_the_sweep(slurm, uninterrupted, tmp_path):
         assert_identical(folder / name, uninterrupted / name)
     script = next((folder / sweep_mod.SLURM_DIR).glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --array=0-3" in script and f"export OPENBLAS_NUM_THREADS={THREADS}" in script
+    assert "#SBATCH --mem=500M" in script and "#SBATCH --comment=scoretrain-test" in script and "#SBATCH --time=10" in script
     out = scoretrain("sweep", FC, *GRID, *BASE, "--launcher", "slurm", "--runs-dir", str(folder), env=slurm.env)
     assert out.returncode == 0 and "nothing to train" in out.stderr  # nothing submitted
 

@@ -1,0 +1,256 @@
+"""Residual nets and their layers: BatchNorm (training and measuring), strided and 1x1 convs,
+global average pooling and residual blocks against finite differences; the resnet archs' shapes;
+BatchNorm's running statistics stored in run.h5, so that `eval` reproduces the record and a
+resumed run its bits."""
+
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scoretrain import store
+from scoretrain.cli import app
+from scoretrain.config import ModelConfig
+from scoretrain.model import (BatchNorm, Conv2d, GlobalAvgPool, Network, ResidualBlock, build_layers, cross_entropy,
+                              init_network, weight_layers)
+
+from conftest import FC, assert_identical, stopped_run
+
+
+def check_layer(layer, x, weights=(), train=True, rtol=1e-6, samples=None, seed=0):
+    """backward() of sum(forward(x) * G) against central differences, for x and each weight."""
+    rng = np.random.default_rng(seed)
+    w_eff = [np.array(w) for w in weights]
+    y, _ = layer.forward(x.copy(), w_eff, train)
+    G = rng.standard_normal(y.shape)
+
+    def loss(xv, wv):
+        state = [(n.mean.copy(), n.var.copy()) for n in _norms(layer)]  # a probe must not move the running statistics
+        out = float((layer.forward(xv.copy(), wv, train)[0] * G).sum())
+        for n, (m, v) in zip(_norms(layer), state):
+            n.mean[...], n.var[...] = m, v
+        return out
+
+    grads = [np.zeros_like(w) for w in w_eff]
+    _, cache = layer.forward(x.copy(), w_eff, train)
+    dx = layer.backward(G.copy(), cache, w_eff, grads, True)
+    eps = 1e-6
+    for target, got in [("x", dx)] + [(i, g) for i, g in enumerate(grads)]:
+        base = x if target == "x" else w_eff[target]
+        idxs = list(np.ndindex(base.shape))
+        if samples and len(idxs) > samples:
+            idxs = [idxs[i] for i in rng.choice(len(idxs), samples, replace=False)]
+        for idx in idxs:
+            up, down = base.copy(), base.copy()
+            up[idx] += eps
+            down[idx] -= eps
+            if target == "x":
+                num = (loss(up, w_eff) - loss(down, w_eff)) / (2 * eps)
+            else:
+                wu, wd = list(w_eff), list(w_eff)
+                wu[target], wd[target] = up, down
+                num = (loss(x, wu) - loss(x, wd)) / (2 * eps)
+            assert got[idx] == pytest.approx(num, rel=rtol, abs=1e-7), f"d{target}{idx}"
+
+
+def _norms(layer):
+    return [l for l in [layer, *getattr(layer, "children", [])] if isinstance(l, BatchNorm)]
+
+
+def numbered(layer):
+    for i, l in enumerate(weight_layers([layer])):
+        l.index = i
+    return layer
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_gradient_in_training_and_measuring(train):
+    rng = np.random.default_rng(1)
+    bn = BatchNorm(np, 3)
+    bn.mean[...], bn.var[...] = [0.1, -0.2, 0.3], [0.5, 2.0, 1.5]
+    check_layer(bn, rng.standard_normal((4, 5, 5, 3)) * 2 + 1, train=train)
+
+
+def test_batchnorm_normalizes_by_the_batch_and_moves_its_running_statistics():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((64, 4, 4, 2)) * [3.0, 0.5] + [1.0, -2.0]).astype(np.float32)
+    bn = BatchNorm(np, 2)
+    y, _ = bn.forward(x.copy(), [], True)
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1, rtol=1e-3)
+    n = x.size // 2
+    np.testing.assert_allclose(bn.mean, 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(bn.var, 0.9 + 0.1 * x.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-5)
+    measured, _ = bn.forward(x.copy(), [], False)  # the running statistics, not the batch's
+    np.testing.assert_allclose(measured, (x - bn.mean) / np.sqrt(bn.var + 1e-5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k, stride, pad", [(3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 1), (5, 2, 2)])
+def test_strided_and_1x1_conv_gradients(k, stride, pad):
+    rng = np.random.default_rng(k * 10 + stride)
+    conv = numbered(Conv2d(np, 2, 3, k, stride, pad))
+    x = rng.standard_normal((2, 7, 6, 2))
+    w = rng.standard_normal(conv.shape)
+    y, _ = conv.forward(x.copy(), [w], True)
+    assert y.shape[1:] == conv.output_shape((7, 6, 2))[0] == ((7 + 2 * pad - k) // stride + 1, (6 + 2 * pad - k) // stride + 1, 3)
+    check_layer(conv, x, [w])
+
+
+def test_strided_conv_equals_the_stride_1_conv_subsampled():
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 8, 8, 3)), rng.standard_normal((4, 3, 3, 3))
+    full, _ = numbered(Conv2d(np, 3, 4, 3)).forward(x.copy(), [w], True)
+    strided, _ = numbered(Conv2d(np, 3, 4, 3, 2)).forward(x.copy(), [w], True)
+    np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-12)
+
+
+def test_global_average_pool_gradient():
+    check_layer(GlobalAvgPool(np), np.random.default_rng(4).standard_normal((3, 4, 5, 2)))
+
+
+@pytest.mark.parametrize("c_in, c_out, stride, bn", [(3, 3, 1, "nonaffine"), (3, 5, 2, "nonaffine"), (3, 5, 1, "none"), (4, 4, 2, "none")])
+def test_residual_block_gradients(c_in, c_out, stride, bn):
+    rng = np.random.default_rng(c_in + c_out + stride)
+    block = numbered(ResidualBlock(np, c_in, c_out, stride, bn))
+    assert bool(block.shortcut) == (stride != 1 or c_in != c_out)  # a projection only where the shape changes
+    weights = [rng.standard_normal(l.shape) * 0.5 for l in weight_layers([block])]
+    check_layer(block, rng.standard_normal((3, 6, 6, c_in)), weights, samples=12)
+
+
+@pytest.mark.parametrize("arch, depth, channels", [("resnet20", 20, [16, 32, 64]), ("resnet32", 32, [16, 32, 64]),
+                                                   ("resnet56", 56, [16, 32, 64]), ("resnet18", 18, [64, 128, 256, 512]),
+                                                   ("wrn28", 26, [16, 32, 64])])
+def test_resnet_archs_have_their_depth_and_widths(arch, depth, channels):
+    layers = build_layers(np, ModelConfig(arch=arch, bn="nonaffine"), (32, 32, 3), 10)
+    ws = weight_layers(layers)
+    projections = sum(1 for l in ws if getattr(l, "k", None) == 1)
+    assert len(ws) - projections == depth  # convs and the classifier; the 1x1 shortcuts are not counted in the name
+    assert sorted({l.shape[0] for l in ws[:-1]}) == channels
+    assert ws[-1].shape == (10, channels[-1])
+    shape = (32, 32, 3)
+    for l in layers:
+        shape, _ = l.output_shape(shape)
+    assert shape == (10,)
+    half = weight_layers(build_layers(np, ModelConfig(arch=arch, width=0.5), (28, 28, 1), 10))
+    assert half[-1].shape == (10, channels[-1] // 2)
+
+
+@pytest.mark.parametrize("method", ["dense", "edge-popup", "biprop", "iterand"])
+def test_a_small_resnet_gradient_end_to_end(method):
+    """dL/dW_eff of a whole resnet20 (width 0.25, non-affine BN) by finite differences at a few
+    entries of every weight layer, in training mode."""
+    cfg = ModelConfig(method=method, arch="resnet20", width=0.25, bn="nonaffine", k=0.5, init="kaiming_normal")
+    w, s = init_network(cfg, 0, (8, 8, 2), 3)
+    net = Network(np, cfg, [a.astype(np.float64) for a in w], None if s is None else [a.astype(np.float64) for a in s], (8, 8, 2), 3)
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((6, 8, 8, 2)), rng.integers(0, 3, 6)
+    w_eff = [a.copy() for a in net.effective_weights(True)]
+    state = net.norm_state()
+    logits, caches = net.forward(x.copy(), w_eff)
+    net.backward(caches, w_eff, cross_entropy(np, logits, y)[2])
+
+    def loss(probe):
+        net.set_norm_state(state)
+        out = float(cross_entropy(np, net.forward(x.copy(), probe)[0], y)[0]) / len(y)
+        return out
+
+    eps = 1e-6
+    for layer, g in enumerate(net.grads):
+        for flat in rng.choice(g.size, 3, replace=False):
+            idx = np.unravel_index(flat, g.shape)
+            up, down = [a.copy() for a in w_eff], [a.copy() for a in w_eff]
+            up[layer][idx] += eps
+            down[layer][idx] -= eps
+            assert g[idx] == pytest.approx((loss(up) - loss(down)) / (2 * eps), rel=1e-5, abs=1e-8), f"layer {layer} {idx}"
+
+
+SMALL_RESNET = ["model.arch=resnet20", "model.width=0.25", "model.bn=nonaffine", "data.train_samples=600",
+                "data.test_samples=200", "train.batch_size=100", "train.eval_batch_size=100", "device=cpu"]
+
+
+def test_fit_stores_the_running_statistics_and_eval_reproduces_the_record(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(app, ["fit", FC, *SMALL_RESNET, "train.epochs=2", "--runs-dir", str(tmp_path), "--name", "r", "-q"])
+    assert out.exit_code == 0, out.output
+    run = store.load(tmp_path / "r")
+    n_bn = 1 + 9 * 2 + 2  # the stem's, two per block, one per projection shortcut (stages 2 and 3)
+    assert len(run.norms) == n_bn and all(s.shape[0] == 2 for s in run.norms)
+    assert not np.allclose(run.norms[0][0], 0)  # the running means moved
+    result = runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"matches_record": true' in result.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "r"), "--to", str(tmp_path / "r.npz")])
+    assert exported.exit_code == 0, exported.output
+    with np.load(tmp_path / "r.npz") as f:
+        np.testing.assert_array_equal(f["batchnorm_00"], run.norms[0])
+        assert sum(1 for k in f.files if k.startswith("weight_")) == len(run.weights)
+
+
+def test_a_resumed_resnet_run_is_bit_identical(tmp_path, reference):
+    """Stopped after epoch 1 and resumed: the running statistics come back from run.h5."""
+    run_dir = stopped_run(tmp_path, SMALL_RESNET[:1], *SMALL_RESNET[1:], after=1)
+    out = CliRunner().invoke(app, ["fit", "--resume", str(run_dir)])
+    assert out.exit_code == 0, out.output
+    assert_identical(run_dir, reference("sgd", *SMALL_RESNET))
+    np.testing.assert_array_equal(store.load(run_dir).norms[5], store.load(reference("sgd", *SMALL_RESNET)).norms[5])
+
+
+def test_model_bn_is_checked():
+    from scoretrain.config import load
+    from scoretrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.bn: expected one of none, nonaffine, affine, got 'learned'"):
+        load(None, ["model.arch=resnet20", "model.bn=learned"])
+    with pytest.raises(ConfigError, match="model.bn: expected none for an mlp"):
+        load(None, ["model.bn=affine"])
+    assert math.isclose(load(None, ["model.arch=resnet20", "model.bn=nonaffine"]).model.width, 1.0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_affine_batchnorm_gradients_of_x_gamma_and_beta(train):
+    rng = np.random.default_rng(6)
+    bn = BatchNorm(np, 3, affine=True)
+    flat, grad = np.array([1.5, 0.5, -1.0, 0.2, -0.3, 0.1]), np.zeros(6)
+    bn.gamma, bn.beta, bn.dgamma, bn.dbeta = flat[:3], flat[3:], grad[:3], grad[3:]
+    bn.mean[...], bn.var[...] = [0.1, -0.2, 0.3], [0.5, 2.0, 1.5]
+    x = rng.standard_normal((4, 3, 3, 3)) * 2 + 1
+    check_layer(bn, x, train=train)  # dx
+    y, cache = bn.forward(x.copy(), [], train)
+    G = rng.standard_normal(y.shape)
+    bn.backward(G, cache, [], [], True)
+    eps = 1e-6
+    for i in range(6):
+        up, down = flat.copy(), flat.copy()
+        up[i] += eps
+        down[i] -= eps
+        values = []
+        for probe in (up, down):
+            bn.gamma, bn.beta = probe[:3], probe[3:]
+            state = bn.mean.copy(), bn.var.copy()
+            values.append(float((bn.forward(x.copy(), [], train)[0] * G).sum()))
+            bn.mean[...], bn.var[...] = state
+        assert grad[i] == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-6), i
+
+
+def test_affine_batchnorm_is_learned_stored_and_resumed(tmp_path, reference):
+    affine = [*SMALL_RESNET[:2], "model.bn=affine", *SMALL_RESNET[3:]]
+    run_dir = stopped_run(tmp_path, affine[:1], *affine[1:], after=1)
+    out = CliRunner().invoke(app, ["fit", "--resume", str(run_dir)])
+    assert out.exit_code == 0, out.output
+    ref = reference("sgd", *affine)
+    assert_identical(run_dir, ref)
+    norms = store.load(run_dir).norms
+    assert all(s.shape[0] == 4 for s in norms)  # mean, var, gamma, beta
+    assert not np.allclose(norms[0][2], 1) and not np.allclose(norms[0][3], 0)  # gamma and beta were learned
+    for a, b in zip(norms, store.load(ref).norms):
+        np.testing.assert_array_equal(a, b)
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--json"])
+    assert result.exit_code == 0 and '"matches_record": true' in result.output
+
+
+def test_wrn28_widens_its_stages_and_not_its_stem():
+    ws = weight_layers(build_layers(np, ModelConfig(arch="wrn28", width=10, bn="nonaffine"), (32, 32, 3), 10))
+    assert ws[0].shape == (16, 3, 3, 3)  # the stem: 16 channels for every widening factor
+    assert sorted({l.shape[0] for l in ws[1:-1]}) == [160, 320, 640] and ws[-1].shape == (10, 640)
+    assert sum(1 for l in ws if getattr(l, "k", None) == 3) == 1 + 3 * 4 * 2  # 25 3x3 convs + 3 shortcuts + FC
