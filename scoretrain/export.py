@@ -62,7 +62,7 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
 def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The .npz's arrays as safetensors tensors, and its strings and shapes as the file's
     metadata (which holds strings only)."""
-    tensors = {k: np.ascontiguousarray(v) for k, v in out.items() if k.startswith("weight_") or k.startswith("input_")}
+    tensors = {k: np.ascontiguousarray(v) for k, v in out.items() if k.startswith(("weight_", "batchnorm_", "input_"))}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "architecture": str(out["architecture"]),
             "info": str(out["info"]), "image_shape": json.dumps(out["image_shape"].tolist()), "n_classes": str(int(out["n_classes"]))}
     return tensors, meta

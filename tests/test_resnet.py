@@ -185,6 +185,13 @@ def test_fit_stores_the_running_statistics_and_eval_reproduces_the_record(tmp_pa
     with np.load(tmp_path / "r.npz") as f:
         np.testing.assert_array_equal(f["batchnorm_00"], run.norms[0])
         assert sum(1 for k in f.files if k.startswith("weight_")) == len(run.weights)
+    exported = runner.invoke(app, ["export", str(tmp_path / "r"), "--to", str(tmp_path / "r.safetensors")])
+    assert exported.exit_code == 0, exported.output
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "r.safetensors")
+    assert sum(1 for k in tensors if k.startswith("batchnorm_")) == n_bn
+    np.testing.assert_array_equal(tensors["batchnorm_20"], run.norms[20])
 
 
 def test_a_resumed_resnet_run_is_bit_identical(tmp_path, reference):
