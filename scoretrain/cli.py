@@ -305,19 +305,19 @@ def _key_values(items: list[str], option: str) -> dict:
 
 def _sweep_table(sweep_dir: Path, record, names) -> dict:
     """The runs of a sweep and their state, from the run store; returns name -> state."""
+    from rich.text import Text
+
     from . import sweep as sweep_mod
+    from .compare import STATUS_STYLE, print_wide
 
     states = {n: sweep_mod.state(Path(sweep_dir) / n) for n in names}
     t = Table(show_edge=False, pad_edge=False)
     for header in ("run", "overrides", "state", "epochs", "final"):
         t.add_column(header, justify="right" if header in ("epochs", "final") else "left")
-    style = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "unreadable": "red"}
     base_n = len(os.path.commonprefix(list(record.runs.values()))) if len(record.runs) > 1 else 0
     for n, (st, done, total, final) in states.items():
-        t.add_row(n, " ".join(record.runs[n][base_n:]), f"[{style.get(st, '')}]{st}[/]" if st in style else st,
+        t.add_row(Text(n), Text(" ".join(record.runs[n][base_n:])), Text(st, style=STATUS_STYLE.get(st, "")),  # never markup
                   f"{done}/{total}" if total else "-", "-" if final is None else f"{100 * final:.2f}%")
-    from .compare import print_wide
-
     print_wide(console, t)
     counts = {}
     for st, *_ in states.values():

@@ -393,7 +393,7 @@ def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | No
     pending, running, codes = list(names), {}, {}
     try:
         while pending or running:
-            free = [s for s in range(len(slots)) if s not in running.values()]
+            free = [s for s in range(len(slots)) if s not in {slot for slot, _ in running.values()}]
             while pending and free:
                 name, slot = pending.pop(0), free.pop(0)
                 log = open(sweep_dir / LOGS / f"{name}.log", "ab")
@@ -401,14 +401,13 @@ def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | No
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=_stop_with_parent)
                 log.close()
-                running[proc] = slot
-                proc.scoretrain_name = name
+                running[proc] = (slot, name)
                 on_event(name, "start", None)
             time.sleep(0.25)
             for proc in [p for p in running if p.poll() is not None]:
-                del running[proc]
-                codes[proc.scoretrain_name] = proc.returncode
-                on_event(proc.scoretrain_name, "end", proc.returncode)
+                _, name = running.pop(proc)
+                codes[name] = proc.returncode
+                on_event(name, "end", proc.returncode)
             on_event("", "tick", None)
     finally:  # Ctrl-C or SIGTERM: stop the workers too (each stops between batches, its run resumable)
         for proc in running:
