@@ -94,9 +94,18 @@ class Grid:
     fixed: list[str] = field(default_factory=list)
     axes: dict[str, list] = field(default_factory=dict)
 
-    def add(self, key: str, values) -> None:
-        self.axes.pop(key, None)  # a key given again (the command line after the YAML) moves last and wins
+    def _drop(self, key: str) -> None:
+        """Forget `key`: given again (the command line after the YAML), it moves last and wins."""
+        self.axes.pop(key, None)
         self.fixed = [o for o in self.fixed if o.split("=", 1)[0].strip() != key]
+
+    def fix(self, key: str, text: str) -> None:
+        """A fixed override, its value as given (YAML text)."""
+        self._drop(key)
+        self.fixed.append(f"{key}={text}")
+
+    def add(self, key: str, values) -> None:
+        self._drop(key)
         if isinstance(values, list):
             if not values:
                 raise ConfigError(f"{key}: the grid gives it no values (an empty list or range)")
@@ -126,9 +135,7 @@ def parse(base: dict, overrides: list[str]) -> Grid:
         key, text = (s.strip() for s in o.split("=", 1))
         values = _values(key, text)
         if values is None:
-            grid.fixed = [f for f in grid.fixed if f.split("=", 1)[0].strip() != key]
-            grid.axes.pop(key, None)
-            grid.fixed.append(f"{key}={text}")
+            grid.fix(key, text)
         else:
             grid.add(key, values)
     if not grid.axes:

@@ -45,19 +45,14 @@ def test_gpu_topk_is_exact_on_random_and_tie_heavy_scores(k):
 def test_the_cuda_radix_select_gives_its_cpu_models_masks_and_a_stable_sorts(kind):
     """kernels.cu's top-k kernels against radix_select.MODEL and a stable sort, every group
     size around a block's (tests/test_radix_select.py checks the model on the CPU)."""
-    from test_radix_select import SIZES, scores
+    from test_radix_select import problem
+    from test_radix_select import stable_topk as stable_topk_of_bits
 
     from scoretrain import kernels
     from scoretrain.radix_select import MODEL, RadixTopK
 
     cp = GPU.xp
-    rng = np.random.default_rng(len(kind))
-    groups, at = [], 0
-    for n in SIZES:
-        groups.append((at, at + n))
-        at += n
-    x = np.concatenate([scores(kind, n, rng) for n in SIZES])
-    w = rng.standard_normal(x.size).astype(np.float32)
+    groups, x, w, _ = problem(kind)
     kept = [max(1, (hi - lo) // 3) for lo, hi in groups]
     results = []
     for xp, k in ((np, MODEL), (cp, kernels.cuda())):
@@ -72,7 +67,7 @@ def test_the_cuda_radix_select_gives_its_cpu_models_masks_and_a_stable_sorts(kin
     np.testing.assert_array_equal(w1.view(np.uint32), w0.view(np.uint32))
     np.testing.assert_array_equal(s1, s0)
     for (lo, hi), k in zip(groups, kept):
-        np.testing.assert_array_equal(m1[lo:hi], stable_topk(np.abs(x[lo:hi]), k) if kind != "special" else m0[lo:hi])
+        np.testing.assert_array_equal(m1[lo:hi], stable_topk_of_bits(x[lo:hi], k))  # NaN first, as the CPU ranks it
 
 
 @pytest.mark.gpu

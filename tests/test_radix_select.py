@@ -36,15 +36,20 @@ def scores(kind, n, rng):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "special"])
-def test_the_model_keeps_the_first_k_of_a_stable_sort_in_every_group(kind):
+def problem(kind):
+    """(groups, x, w, rng): one group of each of SIZES, its scores of `kind`, weights."""
     rng = np.random.default_rng(len(kind))
     groups, at = [], 0
     for n in SIZES:
         groups.append((at, at + n))
         at += n
     x = np.concatenate([scores(kind, n, rng) for n in SIZES])
-    w = rng.standard_normal(x.size).astype(np.float32)
+    return groups, x, rng.standard_normal(x.size).astype(np.float32), rng
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "special"])
+def test_the_model_keeps_the_first_k_of_a_stable_sort_in_every_group(kind):
+    groups, x, w, _ = problem(kind)
     topk = RadixTopK(np, groups)
     for fractions in ([1.0] * len(SIZES), [0.5] * len(SIZES), [0.01, 0.3, 0.7, 0.999, 0.1, 0.6]):
         kept = [max(1, min(hi - lo, round(f * (hi - lo)))) for f, (lo, hi) in zip(fractions, groups)]
