@@ -80,6 +80,7 @@ class TrainConfig:
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step schedule: decay factor
     eval_batch_size: int = 1000
+    bn_recalibration: int = 0  # training images that BatchNorm's running statistics are recomputed from before each measurement (0: the moving averages)
 
 
 @dataclass
@@ -213,6 +214,8 @@ def validate(cfg: Config) -> Config:
     _check(m.arch != "mlp" or m.widths[-1] == n_out, "model.widths[-1]", f"{n_out} (the classes of {d.name})", m.widths[-1])
     for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
         _check(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
+    _check(t.bn_recalibration >= 0, "train.bn_recalibration", "an integer >= 0", t.bn_recalibration)
+    _check(t.bn_recalibration == 0 or m.bn != "none", "train.bn_recalibration", "0 where model.bn is none (there is no BatchNorm to recalibrate)", t.bn_recalibration)
     _check(t.lr > 0, "train.lr", "a positive number", t.lr)
     _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     _check(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)

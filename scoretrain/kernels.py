@@ -222,6 +222,29 @@ def masked(w, mask, out):
         out[i] = w[i] * mask[i]
 
 
+@jit
+def col2im(dcols, stride, dx):
+    """dx[n, i + stride * y, j + stride * x, :] += dcols[n, y, x, i, j, :], into zeros: Conv2d's
+    col2im, as a gather. Each element of dx sums its patches' gradients in the order of the
+    array code, (i, j) ascending, so the bits are the same; here dcols is read where it lies and
+    dx written once, where the array code's strided adds pass over dx k * k times."""
+    n, ho, wo, k, _, c = dcols.shape
+    hp, wp = dx.shape[1], dx.shape[2]
+    for b in range(n):
+        for yp in range(hp):
+            for xp in range(wp):
+                for i in range(k):
+                    ty = yp - i
+                    if ty < 0 or ty % stride or ty // stride >= ho:
+                        continue
+                    for j in range(k):
+                        tx = xp - j
+                        if tx < 0 or tx % stride or tx // stride >= wo:
+                            continue
+                        for ch in range(c):
+                            dx[b, yp, xp, ch] += dcols[b, ty // stride, tx // stride, i, j, ch]
+
+
 def update(rule, p, g, state, scalars):
     """The optimizer's update of p with gradient g, rule "sgd" or "adam"; optim.py calls it so on
     both backends (cuda().update)."""

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from .backend import fused
 from .config import ModelConfig
 from .methods import METHODS
 
@@ -103,6 +104,10 @@ class Conv2d:
             return None
         dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, ho, wo, k, k, c)
         dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
+        loops = fused(xp, dcols, dx) if xp is np else None
+        if loops:  # the same sums as the loop below, in one pass (numba)
+            loops.col2im(dcols, st, dx)
+            return dx[:, p : p + h, p : p + wd]
         for i in range(k):  # col2im: each patch adds its gradient back where it was read
             for j in range(k):
                 dx[:, i : i + st * (ho - 1) + 1 : st, j : j + st * (wo - 1) + 1 : st] += dcols[:, :, :, i, j]
@@ -566,6 +571,21 @@ class Network:
             n.mean[...], n.var[...] = self.xp.asarray(s[0]), self.xp.asarray(s[1])
             if n.affine:
                 n.gamma[...], n.beta[...] = self.xp.asarray(s[2]), self.xp.asarray(s[3])
+
+    def recalibrate(self, w_eff: list, batches) -> None:
+        """Each BatchNorm's running statistics recomputed under `w_eff` as the plain average of
+        the batch statistics of `batches` (training-mode passes, as PyTorch's update_bn), in
+        place of the moving averages: those lag behind a mask that moves at every step, and the
+        error compounds through a residual net's BatchNorms."""
+        saved = [n.momentum for n in self.norms]
+        for n in self.norms:
+            n.mean[...], n.var[...] = 0, 0
+        for i, x in enumerate(batches):
+            for n in self.norms:  # momentum 1/(i+1): the cumulative average of the batches so far
+                n.momentum = 1 / (i + 1)
+            self.forward(x, w_eff, train=True)
+        for n, m in zip(self.norms, saved):
+            n.momentum = m
 
     def forward(self, x, w_eff: list, train: bool = True):
         """Logits, and what each layer keeps for the backward pass. `train`: the training pass

@@ -342,6 +342,8 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             what = "scores" if net.scores is not None else "weights"
             raise Diverged(f"the {what} became nan or inf in epoch {epoch + 1} (learning rate {lr:g} too high?)")
         w_eff = net.effective_weights(train=False)
+        if t.bn_recalibration and net.norms:
+            recalibrate(net, w_eff, dd.x_train, cfg, epoch)
         test_loss, test_acc = evaluate(net, w_eff, dd.x_test, dd.y_test, t.eval_batch_size)
         val_loss = val_acc = float("nan")
         if dd.y_val is not None:
@@ -368,6 +370,16 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             run.attrs["status"] = "completed"
         checkpoint(run_dir, run)
         reporter.epoch_end(row)
+
+
+def recalibrate(net: Network, w_eff: list, x_train, cfg: Config, epoch: int) -> None:
+    """BatchNorm's running statistics from train.bn_recalibration training images under this
+    epoch's final mask, in training-size batches, not augmented. The images are drawn from
+    (seed, epoch), so a resumed run repeats the choice."""
+    t = cfg.train
+    pick = np.random.default_rng([cfg.seed, epoch, 3]).permutation(len(x_train))[: t.bn_recalibration]
+    idx = net.xp.asarray(pick)
+    net.recalibrate(w_eff, (x_train[idx[i : i + t.batch_size]] for i in range(0, len(pick), t.batch_size)))
 
 
 def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:

@@ -194,13 +194,49 @@ def test_fit_stores_the_running_statistics_and_eval_reproduces_the_record(tmp_pa
     np.testing.assert_array_equal(tensors["batchnorm_20"], run.norms[20])
 
 
-def test_a_resumed_resnet_run_is_bit_identical(tmp_path, reference):
-    """Stopped after epoch 1 and resumed: the running statistics come back from run.h5."""
-    run_dir = stopped_run(tmp_path, SMALL_RESNET[:1], *SMALL_RESNET[1:], after=1)
+@pytest.mark.parametrize("extra", [[], ["train.bn_recalibration=250"]], ids=["moving", "recalibrated"])
+def test_a_resumed_resnet_run_is_bit_identical(tmp_path, reference, extra):
+    """Stopped after epoch 1 and resumed: the running statistics come back from run.h5 (and a
+    recalibration draws the same images again)."""
+    args = [*SMALL_RESNET, *extra]
+    run_dir = stopped_run(tmp_path, args[:1], *args[1:], after=1)
     out = CliRunner().invoke(app, ["fit", "--resume", str(run_dir)])
     assert out.exit_code == 0, out.output
-    assert_identical(run_dir, reference("sgd", *SMALL_RESNET))
-    np.testing.assert_array_equal(store.load(run_dir).norms[5], store.load(reference("sgd", *SMALL_RESNET)).norms[5])
+    assert_identical(run_dir, reference("sgd", *args))
+    for a, b in zip(store.load(run_dir).norms, store.load(reference("sgd", *args)).norms):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recalibration_averages_the_batch_statistics_under_the_measured_mask():
+    cfg = ModelConfig(arch="resnet20", width=0.25, bn="nonaffine", k=0.5)
+    weights, scores = init_network(cfg, 0, (12, 12, 1), 10)
+    net = Network(np, cfg, weights, scores, (12, 12, 1), 10)
+    rng = np.random.default_rng(8)
+    batches = [rng.standard_normal((n, 12, 12, 1)).astype(np.float32) for n in (20, 20, 12)]
+    w_eff = net.effective_weights(train=False)
+    net.recalibrate(w_eff, iter(batches))
+    stem = [net.layers[0].forward(b, w_eff, True)[0] for b in batches]  # what the first BatchNorm sees
+    bn = net.norms[0]
+    n = [s.size // bn.c for s in stem]
+    np.testing.assert_allclose(bn.mean, np.mean([s.mean(axis=(0, 1, 2)) for s in stem], axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.var, np.mean([s.var(axis=(0, 1, 2)) * m / (m - 1) for s, m in zip(stem, n)], axis=0), rtol=1e-5)
+    assert bn.momentum == 0.1  # the training passes move the statistics as before
+    moved = [x.mean.copy() for x in net.norms]
+    net.recalibrate(w_eff, iter(batches))  # a function of the mask and the images alone
+    assert all(np.array_equal(a, x.mean) for a, x in zip(moved, net.norms))
+
+
+def test_fit_recalibrates_batchnorm_before_each_measurement(tmp_path):
+    runner = CliRunner()
+    for name, extra in (("moving", []), ("recal", ["train.bn_recalibration=300"])):
+        out = runner.invoke(app, ["fit", FC, *SMALL_RESNET, "train.epochs=1", *extra, "--runs-dir", str(tmp_path), "--name", name, "-q"])
+        assert out.exit_code == 0, out.output
+    moving, recal = store.load(tmp_path / "moving"), store.load(tmp_path / "recal")
+    for name in ("scores", "masks"):  # training itself is the same
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(moving, name), getattr(recal, name)))
+    assert not np.allclose(moving.norms[0], recal.norms[0])
+    result = runner.invoke(app, ["eval", str(tmp_path / "recal"), "--json"])
+    assert result.exit_code == 0 and '"matches_record": true' in result.output
 
 
 def test_model_bn_is_checked():
@@ -212,6 +248,26 @@ def test_model_bn_is_checked():
     with pytest.raises(ConfigError, match="model.bn: expected none for an mlp"):
         load(None, ["model.bn=affine"])
     assert math.isclose(load(None, ["model.arch=resnet20", "model.bn=nonaffine"]).model.width, 1.0)
+    with pytest.raises(ConfigError, match="train.bn_recalibration: expected 0 where model.bn is none"):
+        load(None, ["model.arch=resnet20", "train.bn_recalibration=1000"])
+    with pytest.raises(ConfigError, match="train.bn_recalibration: expected an integer >= 0, got -1"):
+        load(None, ["model.arch=resnet20", "model.bn=nonaffine", "train.bn_recalibration=-1"])
+
+
+@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2), (3, 1, 0)])
+def test_the_col2im_loop_gives_the_array_codes_bits(k, stride, pad, monkeypatch):
+    import scoretrain.model as model
+
+    rng = np.random.default_rng(k + stride + pad)
+    conv = numbered(Conv2d(np, 3, 5, k, stride, pad))
+    x = rng.standard_normal((4, 9, 8, 3)).astype(np.float32)
+    w = rng.standard_normal(conv.shape).astype(np.float32)
+    y, cache = conv.forward(x, [w], True)
+    d = rng.standard_normal(y.shape).astype(np.float32)
+    fused_dx = conv.backward(d, cache, [w], [np.empty(conv.shape, np.float32)], True)
+    monkeypatch.setattr(model, "fused", lambda *a: None)
+    array_dx = conv.backward(d, cache, [w], [np.empty(conv.shape, np.float32)], True)
+    assert fused_dx.dtype == np.float32 and np.array_equal(fused_dx, array_dx)
 
 
 @pytest.mark.parametrize("train", [True, False])
