@@ -169,4 +169,85 @@ __global__ void topk_mask(const unsigned int* x, const long long* bounds, const 
     }
 }
 
+// --- the elementwise chains of a layer's backward pass and of the loss -----------------------------
+
+// model.ReLU.backward: out = d * (y > 0), one pass (the array code's two and a bool temporary).
+__global__ void relu_backward(const float* d, const float* y, float* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
+}
+
+// model.Conv2d.backward's col2im as a gather, kernels.col2im's loop: dx (padded, [n, hp, wp, c])
+// at (b, yp, xp, ch) sums dcols [n, ho, wo, k, k, c] over the patches that read it, in the array
+// code's order, (i, j) ascending from 0. A thread per element of dx; none writes another's.
+__global__ void col2im(const float* dcols, float* dx, int n, int ho, int wo, int k, int c, int hp, int wp,
+                       int stride) {
+    long long total = (long long)n * hp * wp * c;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
+        int ch = e % c;
+        long long r = e / c;
+        int xp = r % wp, yp = (r / wp) % hp;
+        long long b = r / ((long long)wp * hp);
+        float acc = 0.0f;
+        for (int i = 0; i < k; i++) {
+            int ty = yp - i;
+            if (ty < 0 || ty % stride || ty / stride >= ho) continue;
+            for (int j = 0; j < k; j++) {
+                int tx = xp - j;
+                if (tx < 0 || tx % stride || tx / stride >= wo) continue;
+                acc = __fadd_rn(acc, dcols[((((b * ho + ty / stride) * wo + tx / stride) * k + i) * k + j) * c + ch]);
+            }
+        }
+        dx[e] = acc;
+    }
+}
+
+// model.cross_entropy in one block of THREADS threads: for each row i of the logits x [n, c] (a
+// thread per row), z = x - max, s = sum exp(z), loss_i = log(s) - z[y_i], correct_i = (the first
+// argmax == y_i), and with `grad` dx = (exp(z) / s - onehot(y_i)) / n. The block then sums loss_i
+// and correct_i over a fixed tree, so a batch gives the same bits on every run (no atomics). It
+// calls CUDA's expf and logf, whose library code uses FMAs: their roundings are not the CPU's
+// libm's anyway (the one kernel the compile test lets contract).
+__global__ void cross_entropy(const float* x, const long long* y, int n, int c, int grad, float* dx, float* loss,
+                              long long* correct) {
+    __shared__ float part_loss[THREADS];
+    __shared__ long long part_ok[THREADS];
+    float l = 0.0f;
+    long long ok = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float* row = x + (long long)i * c;
+        int best = 0;
+        float m = row[0];
+        for (int j = 1; j < c; j++)
+            if (row[j] > m) { m = row[j]; best = j; }
+        float s = 0.0f;
+        for (int j = 0; j < c; j++) s = __fadd_rn(s, expf(__fsub_rn(row[j], m)));
+        long long t = y[i];
+        l = __fadd_rn(l, __fsub_rn(logf(s), __fsub_rn(row[t], m)));
+        ok += best == t;
+        if (grad) {
+            float* out = dx + (long long)i * c;
+            for (int j = 0; j < c; j++) {
+                float p = __fdiv_rn(expf(__fsub_rn(row[j], m)), s);
+                if (j == t) p = __fsub_rn(p, 1.0f);
+                out[j] = __fdiv_rn(p, (float)n);
+            }
+        }
+    }
+    part_loss[threadIdx.x] = l;
+    part_ok[threadIdx.x] = ok;
+    __syncthreads();
+    for (int w = THREADS / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) {
+            part_loss[threadIdx.x] = __fadd_rn(part_loss[threadIdx.x], part_loss[threadIdx.x + w]);
+            part_ok[threadIdx.x] += part_ok[threadIdx.x + w];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *loss = part_loss[0];
+        *correct = part_ok[0];
+    }
+}
+
 }  // extern "C"

@@ -223,6 +223,13 @@ def masked(w, mask, out):
 
 
 @jit
+def relu_backward(d, y, out):
+    """out = d * (y > 0)"""
+    for i in range(d.size):
+        out[i] = d[i] * (y[i] > 0)
+
+
+@jit
 def col2im(dcols, stride, dx):
     """dx[n, i + stride * y, j + stride * x, :] += dcols[n, y, x, i, j, :], into zeros: Conv2d's
     col2im, as a gather. Each element of dx sums its patches' gradients in the order of the
@@ -265,7 +272,8 @@ def score_step_with(rule, p, g, state, scalars, w, band, out):
 CUDA_SOURCE = Path(__file__).with_name("kernels.cu")
 CUDA_OPTIONS = ("--std=c++17",)  # CuPy adds its own (its headers, -ftz=true, the device's -arch)
 CUDA_KERNELS = ("straight_through", "sgd", "adam", "topk_histogram", "topk_pick", "topk_count_ties",
-                "topk_scan_ties", "topk_mask")
+                "topk_scan_ties", "topk_mask", "relu_backward", "col2im", "cross_entropy")
+CUDA_LIBM_KERNELS = ("cross_entropy",)  # they call CUDA's expf/logf, whose code contracts (FMAs)
 _THREADS = 256  # as kernels.cu's THREADS
 
 
@@ -305,6 +313,20 @@ def cuda():
     def mask(x, bounds, blk_group, blk_start, state, blk_ties, m, w, w_out, with_w):
         per_block("topk_mask")(x, bounds, blk_group, blk_start, state, blk_ties, m, w, w_out, i32(with_w))
 
+    def relu_backward(d, y, out):
+        k["relu_backward"](_grid(d.size), block, (d, y, out, i64(d.size)))
+
+    def col2im(dcols, stride, dx):
+        n, ho, wo, kk, _, c = dcols.shape
+        k["col2im"](_grid(dx.size), block, (dcols, dx, *map(i32, (n, ho, wo, kk, c, dx.shape[1], dx.shape[2], stride))))
+
+    def cross_entropy(logits, y, dx, loss, correct):
+        """dx None: no gradient (a one-element dx is passed, never written)."""
+        n, c = logits.shape
+        grad = dx is not None
+        k["cross_entropy"]((1,), block, (logits, y, i32(n), i32(c), i32(grad), dx if grad else loss, loss, correct))
+
     return types.SimpleNamespace(straight_through=straight_through, update=update, topk_histogram=histogram,
                                  topk_pick=pick, topk_count_ties=per_block("topk_count_ties"),
-                                 topk_scan_ties=scan_ties, topk_mask=mask)
+                                 topk_scan_ties=scan_ties, topk_mask=mask, relu_backward=relu_backward,
+                                 col2im=col2im, cross_entropy=cross_entropy)

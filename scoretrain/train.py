@@ -267,17 +267,20 @@ def warm_up(cfg: Config, backend: Backend, steps: int = 6) -> None:
     own weights, data and optimizer: nothing of the run changes. The loops compile for argument
     types, not sizes, so the tiny network compiles what the real one runs."""
     h, w, c, classes = data.SHAPES[cfg.data.name]
-    tiny = dataclasses.replace(cfg.model, arch="mlp", widths=[h * w * c, 32, classes], k_warmup_epochs=0)
-    weights, scores = init_network(tiny, 0, (h, w, c), classes)
-    net = Network(backend.xp, tiny, weights, scores, (h, w, c), classes)
-    opt = optim.make(backend.xp, net.params, cfg.train)
+    tiny = [dataclasses.replace(cfg.model, arch="mlp", widths=[h * w * c, 32, classes], k_warmup_epochs=0)]
+    if cfg.model.arch != "mlp":  # and its own layers at one channel each, for the conv loops (col2im)
+        tiny.append(dataclasses.replace(cfg.model, width=1e-3, k_warmup_epochs=0))
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.standard_normal((8, h, w, c)).astype(np.float32))
     y = backend.asarray(rng.integers(0, classes, 8))
-    net.reseed(0, 0)
-    for _ in range(steps):  # a few: the later steps take the paths that need a last threshold (settle)
-        train_step(net, opt, x, y, cfg.train.lr)
-    evaluate(net, net.effective_weights(train=False), x, y, len(y))
+    for model in tiny:
+        weights, scores = init_network(model, 0, (h, w, c), classes)
+        net = Network(backend.xp, model, weights, scores, (h, w, c), classes)
+        opt = optim.make(backend.xp, net.params, cfg.train)
+        net.reseed(0, 0)
+        for _ in range(steps):  # a few: the later steps take the paths that need a last threshold (settle)
+            train_step(net, opt, x, y, cfg.train.lr)
+        evaluate(net, net.effective_weights(train=False), x, y, len(y))
     backend.sync()
 
 

@@ -119,6 +119,51 @@ def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
     np.testing.assert_array_equal(cp.asnumpy(g_gpu).view(np.uint32), g_cpu.view(np.uint32))
 
 
+@pytest.mark.gpu
+def test_cuda_relu_and_col2im_kernels_give_the_bits_of_the_cpu():
+    from scoretrain.model import Conv2d, ReLU
+
+    cp = GPU.xp
+    rng = np.random.default_rng(1)
+    y = np.maximum(rng.standard_normal((128, 300)).astype(np.float32), 0)
+    d = rng.standard_normal((128, 300)).astype(np.float32)
+    got = ReLU(cp).backward(cp.asarray(d), cp.asarray(y), [], [], True)
+    np.testing.assert_array_equal(cp.asnumpy(got).view(np.uint32), (d * (y > 0)).view(np.uint32))
+    for k, stride, pad in ((3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2)):
+        x = rng.standard_normal((8, 11, 10, 3)).astype(np.float32)
+        w = rng.standard_normal((4, k, k, 3)).astype(np.float32)
+        shape, _ = Conv2d(np, 3, 4, k, stride, pad).output_shape((11, 10, 3))
+        g = rng.standard_normal((8, *shape)).astype(np.float32)
+        dxs = []
+        for xp in (np, cp):
+            conv = Conv2d(xp, 3, 4, k, stride, pad)
+            conv.index = 0
+            _, cache = conv.forward(xp.asarray(x), [xp.asarray(w)], True)
+            dxs.append(conv.backward(xp.asarray(g), cache, [xp.asarray(w)], [xp.empty(w.shape, np.float32)], True))
+        np.testing.assert_array_equal(cp.asnumpy(dxs[1]), dxs[0])  # the sums in one order: the same bits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, c", [(128, 10), (1000, 10), (37, 100)])
+def test_cuda_cross_entropy_kernel_matches_the_array_code_and_repeats(n, c):
+    from scoretrain.model import cross_entropy
+
+    cp = GPU.xp
+    rng = np.random.default_rng(n)
+    logits = (rng.standard_normal((n, c)) * 4).astype(np.float32)
+    y = rng.integers(0, c, n)
+    logits[0, y[0]] = logits[0].max() + 1  # a correct one for sure
+    loss, correct, d = cross_entropy(np, logits.copy(), y)
+    gl, gc, gd = cross_entropy(cp, cp.asarray(logits), cp.asarray(y))
+    assert int(gc) == int(correct)
+    assert float(gl) == pytest.approx(float(loss), rel=1e-5)
+    np.testing.assert_allclose(cp.asnumpy(gd), d, rtol=1e-5, atol=1e-8)
+    again = cross_entropy(cp, cp.asarray(logits), cp.asarray(y))
+    assert float(again[0]) == float(gl) and cp.array_equal(again[2], gd)  # no atomics: the same bits every time
+    ml, mc, none = cross_entropy(cp, cp.asarray(logits), cp.asarray(y), grad=False)
+    assert none is None and float(ml) == float(gl) and int(mc) == int(gc)
+
+
 # Networks of every kind the layers make: MLP (per-layer and global top-k), conv nets (im2col as a
 # strided view, max pool on strided corners) on CIFAR- and MNIST-shaped images.
 KINDS = {

@@ -520,6 +520,11 @@ def test_cuda_kernel_wrappers_pass_what_each_kernel_declares(monkeypatch):
     topk = RadixTopK(np, [(0, 6000), (6000, 10_000)], cuda)
     topk.select(f, np.zeros(10_000, bool), f, f)
     topk.select(f, np.zeros(10_000, bool))
+    cuda.relu_backward(f, f, f)
+    cuda.col2im(np.zeros((2, 3, 3, 3, 3, 2), np.float32), 2, np.zeros((2, 7, 7, 2), np.float32))
+    logits, labels = np.zeros((8, 10), np.float32), np.zeros(8, np.int64)
+    for dx in (np.zeros_like(logits), None):
+        cuda.cross_entropy(logits, labels, dx, np.zeros((), np.float32), np.zeros((), np.int64))
     signatures = cuda_signatures()
     assert {name for name, *_ in launches} == set(signatures) == set(kernels.CUDA_KERNELS)
     for name, grid, block, args in launches:
@@ -530,9 +535,23 @@ def test_cuda_kernel_wrappers_pass_what_each_kernel_declares(monkeypatch):
             got = arg.dtype.type if isinstance(arg, np.ndarray) else type(arg)
             assert got is want and isinstance(arg, np.ndarray) == c_type.endswith("*"), f"{name} parameter {i}: {c_type}, given {got}"
         assert len(grid) == len(block) == 1 and grid[0] >= 1 and block[0] in (32, 256)
+        if name == "cross_entropy":
+            assert grid == (1,) and block == (256,)  # one block of kernels.cu's THREADS: its tree sum
         if name in ("topk_histogram", "topk_count_ties", "topk_mask"):
             assert grid == (topk.n_blocks,) and block == (256,)  # a block per CHUNK, kernels.cu's THREADS
 
+
+
+def test_the_relu_loop_gives_the_array_codes_bits():
+    from scoretrain.model import ReLU
+
+    rng = np.random.default_rng(3)
+    y = np.maximum(rng.standard_normal((64, 50)).astype(np.float32), 0)
+    d = rng.standard_normal((64, 50)).astype(np.float32)
+    d[0, :4], y[0, :4] = [np.nan, -1.0, np.inf, -0.0], [0.0, 0.0, 1.0, 2.0]
+    relu = ReLU(np)
+    np.testing.assert_array_equal(relu.backward(d, y, [], [], True).view(np.uint32), (d * (y > 0)).view(np.uint32))
+    np.testing.assert_array_equal(relu.backward(d.astype(np.float64), y, [], [], True), d * (y > 0))  # the array code
 
 
 WARM_UP_PROBE = r"""
@@ -561,8 +580,9 @@ print(sum(warmed.values()), added)
 
 
 @pytest.mark.parametrize("overrides", [[], ["train.optimizer=adam"], ["model.method=dense"], ["model.method=biprop"],
-                                       ["model.k_scope=global"], ["model.method=supermask"]],
-                         ids=["sgd", "adam", "dense", "biprop", "global", "supermask"])
+                                       ["model.k_scope=global"], ["model.method=supermask"], ["model.arch=conv2"],
+                                       ["model.arch=resnet20", "model.width=0.25", "model.bn=nonaffine"]],
+                         ids=["sgd", "adam", "dense", "biprop", "global", "supermask", "conv", "resnet"])
 def test_the_warm_up_compiles_every_loop_a_run_calls(overrides):
     """train.warm_up, in a fresh process: training and measuring the real network afterwards
     compiles no further numba signature, so epoch 1's clock holds no compilation."""
