@@ -19,9 +19,9 @@ import numpy as np
 
 from . import optim
 from .backend import Backend
-from .config import ModelConfig, TrainConfig
+from .config import Config, ModelConfig, TrainConfig
 from .model import Network, cross_entropy, init_network
-from .train import train_step
+from .train import stepper
 
 TRAIN_SAMPLES = 60000  # an MNIST epoch
 
@@ -44,10 +44,13 @@ def gpu_used_mb(backend: Backend) -> float | None:
 
 
 def make(backend: Backend, method: str, widths: list[int], batch: int, k: float = 0.5):
-    cfg = ModelConfig(method=method, widths=widths, k=k)
-    weights, scores = init_network(cfg, seed=0)
-    net = Network(backend.xp, cfg, weights, scores)
-    return net, optim.make(backend.xp, net.params, TrainConfig(batch_size=batch))
+    """The network, its optimizer, and the training step as `fit` takes it (a CUDA graph's
+    replay on a GPU, train.stepper)."""
+    cfg = Config(model=ModelConfig(method=method, widths=widths, k=k), train=TrainConfig(batch_size=batch))
+    weights, scores = init_network(cfg.model, seed=0)
+    net = Network(backend.xp, cfg.model, weights, scores)
+    opt = optim.make(backend.xp, net.params, cfg.train)
+    return net, opt, stepper(cfg, backend, net, opt)
 
 
 def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], batch: int, steps: int,
@@ -60,22 +63,24 @@ def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], 
     batches = [perm[s : s + batch] for s in starts]
     cases = []
     for method in methods:
-        net, opt = make(backend, method, widths, batch)
-        for idx in batches[:3]:  # warm-up: first-call costs (BLAS threads, kernels compiled)
-            train_step(net, opt, x[idx], y[idx], 0.01)
-        cases.append((net, opt, []))
-    backend.sync()
+        net, opt, step = make(backend, method, widths, batch)
+        with step.stream:
+            for idx in batches[:3]:  # warm-up: first-call costs (BLAS threads, kernels compiled, the graph captured)
+                step(x[idx], y[idx], 0.01)
+            backend.sync()
+        cases.append((net, opt, step, []))
     rss0 = rss_mb()
     for _ in range(rounds):
-        for net, opt, times in cases:
-            t0 = time.perf_counter()
-            for idx in batches:
-                train_step(net, opt, x[idx], y[idx], 0.01)
-            backend.sync()
-            times.append((time.perf_counter() - t0) / steps)
+        for net, opt, step, times in cases:
+            with step.stream:
+                t0 = time.perf_counter()
+                for idx in batches:
+                    step(x[idx], y[idx], 0.01)
+                backend.sync()
+                times.append((time.perf_counter() - t0) / steps)
     rss1 = rss_mb()
     results = []
-    for method, (net, opt, times) in zip(methods, cases):
+    for method, (net, opt, step, times) in zip(methods, cases):
         per_step = min(times)
         results.append({
             "method": method, "widths": widths, "batch_size": batch, "steps": steps, "rounds": rounds,
@@ -86,6 +91,7 @@ def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], 
             "split": split(backend, net, opt, x, y, batches[:split_steps]),
             "rss_growth_mb": rss1 - rss0,
             "gpu_used_mb": gpu_used_mb(backend),
+            "cuda_graph": getattr(step, "graph", None) is not None,  # the timed steps were a graph's replays
         })
     return results
 
@@ -145,7 +151,8 @@ def run(backend: Backend, x, y, quick: bool, console) -> dict:
                 split_ = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["split"].items())
                 console.print(f"{group:7} {r['method']:10} {'-'.join(map(str, widths)):17} batch {batch:5}  "
                               f"{r['seconds_per_epoch']:8.3f} s/epoch  {r['samples_per_second']:>11,.0f} samples/s  "
-                              f"[{split_}]  RSS +{r['rss_growth_mb']:.1f} MiB", soft_wrap=True, markup=False)
+                              f"[{split_}]  RSS +{r['rss_growth_mb']:.1f} MiB{'  (CUDA graph)' if r['cuda_graph'] else ''}",
+                              soft_wrap=True, markup=False)
     results["peak_rss_mb"] = peak_rss_mb()
     results["peak_gpu_mb"] = max((r["gpu_used_mb"] or 0) for r in results["main"] + results["scaling"]) if backend.is_gpu else None
     console.print(table(results["main"], f"bench: {backend.name} ({backend.device})"))

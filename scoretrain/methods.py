@@ -171,6 +171,7 @@ class Method:
     learns = "scores"
     uses_k = False
     changes_weights = False  # the weights change during training (and are stored at every checkpoint)
+    replayable = True  # a step keeps no host state a CUDA graph would freeze (train.CapturedStep)
 
     def __init__(self, net, cfg):
         pass
@@ -361,6 +362,7 @@ class Supermask(Method):
     weight with p > 0.5 at full strength, a network training never saw, and measures far worse."""
 
     name = "supermask"
+    replayable = False  # its sampling stream advances on the host
 
     def __init__(self, net, cfg):
         self.rng = None  # a Generator, set by reseed() at each epoch
@@ -395,6 +397,7 @@ class IteRand(EdgePopup):
     so a resumed run redraws the same; kept weights never change, so neither does W_eff."""
 
     name, changes_weights = "iterand", True
+    replayable = False  # the redraws are decided and drawn on the host
 
     def __init__(self, net, cfg):
         super().__init__(net, cfg)

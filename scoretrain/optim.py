@@ -20,6 +20,7 @@ def flat(a):
 
 class SGD:
     slots = ("momentum",)
+    replayable = True  # the step's scalars are the epoch's (train.CapturedStep)
 
     def __init__(self, xp, params: list, cfg: TrainConfig):
         self.xp = xp
@@ -61,6 +62,7 @@ class SGD:
 
 class Adam:
     slots = ("m", "v")
+    replayable = False  # its bias corrections change at every step, on the host
 
     def __init__(self, xp, params: list, cfg: TrainConfig):
         self.xp = xp

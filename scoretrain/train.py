@@ -8,11 +8,13 @@ running loss for the progress display (at most a few times a second).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -160,6 +162,90 @@ def train_step(net: Network, opt, x, y, lr: float):
     return loss_sum, correct
 
 
+class CapturedStep:
+    """train_step on a GPU as a CUDA graph: captured at the second batch of an epoch (the first
+    runs as it is, so that every kernel is compiled and loaded first) and replayed for the rest,
+    one launch where a step is ~50. A graph holds fixed addresses and frozen arguments, so:
+    - its inputs are static buffers that each batch is copied into;
+    - what it allocates comes from a memory pool of its own, kept as long as the graph, so that
+      no replay touches memory handed out again;
+    - the learning rate is a kernel argument: a graph lasts one epoch (`reset`), and a smaller
+      last batch runs as it is;
+    - only methods and optimizers whose steps keep no host state are replayed (`replayable`:
+      not supermask's sampling, IteRand's redraws, or Adam's per-step bias corrections).
+    The steps run on a stream of its own (a capture cannot use the default one), which the
+    whole training loop uses (`with step.stream`)."""
+
+    def __init__(self, net: Network, opt, xp):
+        self.net, self.opt, self.xp = net, opt, xp
+        xp.cuda.get_current_stream().synchronize()  # what the default stream still holds (the setup)
+        self.stream = xp.cuda.Stream(non_blocking=True)
+        self.failed = False
+        self.reset()
+
+    def reset(self) -> None:
+        """A new epoch (a new learning rate): the next full batch is run, then captured anew."""
+        self.graph = self.pool = self.x = self.y = self.out = None
+        self.shape = None  # the shape of the batch run as it is, that the next one is captured at
+
+    def __call__(self, x, y, lr: float):
+        if self.graph is not None and x.shape == self.x.shape:
+            self.x[...], self.y[...] = x, y
+            self.graph.launch(stream=self.stream)
+            self.opt.steps += 1  # what the step does on the host (the capture did it for its own)
+            return self.out
+        if self.graph is None and x.shape == self.shape and not self.failed:
+            return self._capture(x, y, lr)
+        self.shape = x.shape
+        return train_step(self.net, self.opt, x, y, lr)
+
+    def _capture(self, x, y, lr: float):
+        xp = self.xp
+        self.x, self.y = xp.empty_like(x), xp.empty_like(y)
+        self.x[...], self.y[...] = x, y
+        self.pool, steps = xp.cuda.MemoryPool(), self.opt.steps
+        with xp.cuda.using_allocator(self.pool.malloc):
+            self.stream.begin_capture()
+            try:
+                self.out = train_step(self.net, self.opt, self.x, self.y, lr)
+                self.graph = self.stream.end_capture()
+            except Exception as e:  # a CUDA call the capture cannot hold: nothing ran, train as it is
+                try:
+                    self.stream.end_capture()
+                except Exception:
+                    pass
+                print(f"note: the training step cannot be captured as a CUDA graph ({failure(e)}); "
+                      "running it without one (train.cuda_graph=false says so up front)", file=sys.stderr)
+                self.failed, self.opt.steps = True, steps
+                self.reset()
+                return train_step(self.net, self.opt, x, y, lr)
+        self.graph.launch(stream=self.stream)
+        return self.out
+
+
+class EagerStep:
+    """train_step as it is (the CPU; a GPU where the step cannot be replayed)."""
+
+    stream = contextlib.nullcontext()
+
+    def __init__(self, net: Network, opt):
+        self.net, self.opt = net, opt
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, x, y, lr: float):
+        return train_step(self.net, self.opt, x, y, lr)
+
+
+def stepper(cfg: Config, backend: Backend, net: Network, opt):
+    """How the run takes its training steps: replayed as CUDA graphs on a GPU (train.cuda_graph)
+    where the method and the optimizer keep no host state in a step, else as they are."""
+    if backend.is_gpu and cfg.train.cuda_graph and net.method.replayable and opt.replayable:
+        return CapturedStep(net, opt, backend.xp)
+    return EagerStep(net, opt)
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -230,7 +316,9 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
             net, opt = _network_and_optimizer(cfg, backend, run)
             warm_up(cfg, backend)  # compile before the first epoch's clock starts
             reporter.start(run_dir, cfg, backend, run.epochs_done)
-            _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop)
+            step = stepper(cfg, backend, net, opt)
+            with step.stream:
+                _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop, step)
         except CheckpointError:
             raise  # nothing more can be written; run.h5 keeps the last complete checkpoint
         except BaseException as e:  # keep the last finished epoch, and say why the run stopped
@@ -305,7 +393,7 @@ def enter_epoch(net: Network, cfg: Config, epoch: int) -> None:
     net.set_k(k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch))
 
 
-def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop) -> None:
+def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop, step) -> None:
     xp, t, d = backend.xp, cfg.train, cfg.data
     n = len(dd.y_train)
     n_batches = math.ceil(n / t.batch_size)
@@ -322,6 +410,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
         enter_epoch(net, cfg, epoch)
+        step.reset()  # (a CUDA graph holds the learning rate: one per epoch)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()
@@ -330,7 +419,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
             x = dd.x_train[idx]
             if augmenting:
                 x = data.augment(xp, x, aug_rng, d.crop_padding, d.flip)
-            l, c = train_step(net, opt, x, dd.y_train[idx], lr)
+            l, c = step(x, dd.y_train[idx], lr)
             loss_sum += l
             correct += c
             seen = min(n, (b + 1) * t.batch_size)

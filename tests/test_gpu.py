@@ -164,6 +164,19 @@ def test_cuda_cross_entropy_kernel_matches_the_array_code_and_repeats(n, c):
     assert none is None and float(ml) == float(gl) and int(mc) == int(gc)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["edge-popup", "biprop", "conv", "resnet, BN"])
+def test_the_cuda_graph_replay_gives_the_bits_of_the_step_run_as_it_is(variant):
+    """train.CapturedStep on a real GPU, as tests/test_graph.py checks it on the simulation."""
+    from scoretrain.train import CapturedStep, EagerStep
+    from test_graph import REPLAYED, assert_same, train
+
+    eager = train(REPLAYED[variant], lambda net, opt, xp: EagerStep(net, opt), xp=GPU.xp)
+    replayed = train(REPLAYED[variant], lambda net, opt, xp: CapturedStep(net, opt, xp), xp=GPU.xp)
+    assert not replayed[3].failed and replayed[3].graph is not None  # captured, not fallen back
+    assert_same(eager, replayed)
+
+
 # Networks of every kind the layers make: MLP (per-layer and global top-k), conv nets (im2col as a
 # strided view, max pool on strided corners) on CIFAR- and MNIST-shaped images.
 KINDS = {

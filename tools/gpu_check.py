@@ -6,13 +6,14 @@ the GPU tests). In order, each with its own time limit:
 
   1. the GPU tests (tests/test_gpu.py; skipped where pytest is missing);
   2. `scoretrain bench --device gpu`;
-  3. `scoretrain fit configs/mnist_fc.yaml` on the GPU, and on the CPU for reference;
+  3. `scoretrain fit configs/mnist_fc.yaml` on the GPU (its steps replayed as CUDA graphs), again
+     with train.cuda_graph=false (the same bits are expected), and on the CPU for reference;
   4. `scoretrain eval` of the GPU run on both devices.
 
 It writes report.md and report.json into --out (default gpu-check/): each step's command, exit
 status, seconds and figures, and the targets of issue 13 (mnist_fc <= 0.10 s/epoch at batch 128,
 >= 1e6 samples/s at batch 1024, edge-popup within 1.2x of dense, the GPU run within 0.2 points of
-the CPU run, eval reproducing the record on both devices). Exit 0 when every step ran and every
+the CPU run, eval reproducing the record on both devices, the graph's run equal to the other). Exit 0 when every step ran and every
 target holds. `--dry-run` does the same on the CPU with small settings: CI runs that, so the
 script itself is tested where no GPU is.
 """
@@ -59,7 +60,8 @@ def bench_figures(path: Path) -> dict:
         ep, dense = got.get(f"edge-popup b{batch}"), got.get(f"dense b{batch}")
         if ep and dense:
             out[f"b{batch}"] = {"edge_popup_s_per_epoch": ep["seconds_per_epoch"], "dense_s_per_epoch": dense["seconds_per_epoch"],
-                                "edge_popup_samples_per_s": ep["samples_per_second"], "ratio": ep["seconds_per_epoch"] / dense["seconds_per_epoch"]}
+                                "edge_popup_samples_per_s": ep["samples_per_second"], "ratio": ep["seconds_per_epoch"] / dense["seconds_per_epoch"],
+                                "cuda_graph": bool(ep.get("cuda_graph"))}
     return out
 
 
@@ -80,6 +82,8 @@ def main() -> int:
         steps.append({"step": "gpu tests", "command": "pytest tests/test_gpu.py", "rc": None, "seconds": 0, "tail": "pytest is not installed"})
     run("bench", ["-m", "scoretrain", "bench", "--device", dev, *quick, "--json", str(out / "bench.json")], 240, steps)
     run("fit gpu", ["-m", "scoretrain", "fit", FC, f"device={dev}", *small, "--runs-dir", str(out / "runs"), "--name", "gpu", "-q"], 180, steps)
+    run("fit gpu, no graph", ["-m", "scoretrain", "fit", FC, f"device={dev}", "train.cuda_graph=false", *small, "--runs-dir", str(out / "runs"),
+                              "--name", "gpu-eager", "-q"], 180, steps)
     run("fit cpu", ["-m", "scoretrain", "fit", FC, "device=cpu", *small, "--runs-dir", str(out / "runs"), "--name", "cpu", "-q"], 180, steps)
     evals = {where: run(f"eval on {where}", ["-m", "scoretrain", "eval", str(out / "runs" / "gpu"), "--json", "--device", d], 120, steps)
              for where, d in (("the run's device", dev), ("the cpu", "cpu"))}
@@ -103,9 +107,11 @@ def main() -> int:
     try:
         from scoretrain import store
 
-        runs = {n: store.load(out / "runs" / n).metrics for n in ("gpu", "cpu")}
+        runs = {n: store.load(out / "runs" / n).metrics for n in ("gpu", "gpu-eager", "cpu")}
         figures["fit"] = {n: {"final_test_acc": m["test_acc"][-1], "median_epoch_seconds": statistics.median(m["epoch_seconds"])}
                           for n, m in runs.items()}
+        targets["the CUDA graph's run gives the metrics of the run without one, bit for bit"] = all(
+            runs["gpu"][k] == runs["gpu-eager"][k] for k in ("train_loss", "test_loss", "test_acc"))
         targets["GPU run within 0.2 points of the CPU run"] = abs(runs["gpu"]["test_acc"][-1] - runs["cpu"]["test_acc"][-1]) <= 0.002
     except Exception as e:  # a fit that did not run: its step says why
         figures["fit"] = {"error": f"{type(e).__name__}: {e}"}
