@@ -165,10 +165,11 @@ def train_step(net: Network, opt, x, y, lr: float):
 class CapturedStep:
     """train_step on a GPU as a CUDA graph: captured at the second batch of an epoch (the first
     runs as it is, so that every kernel is compiled and loaded first) and replayed for the rest,
-    one launch where a step is ~50. A graph holds fixed addresses and frozen arguments, so:
+    one launch for the step's dozens of kernels. A graph holds fixed addresses and frozen arguments, so:
     - its inputs are static buffers that each batch is copied into;
-    - what it allocates comes from a memory pool of its own, kept as long as the graph, so that
-      no replay touches memory handed out again;
+    - what it allocates comes from a memory pool of its own, which nothing else allocates from,
+      so that no replay touches memory handed out again (a temporary the capture frees goes back
+      to that pool, and only a later point of the same capture, in stream order, reuses it);
     - the learning rate is a kernel argument: a graph lasts one epoch (`reset`), and a smaller
       last batch runs as it is;
     - only methods and optimizers whose steps keep no host state are replayed (`replayable`:
@@ -180,12 +181,13 @@ class CapturedStep:
         self.net, self.opt, self.xp = net, opt, xp
         xp.cuda.get_current_stream().synchronize()  # what the default stream still holds (the setup)
         self.stream = xp.cuda.Stream(non_blocking=True)
+        self.pool = xp.cuda.MemoryPool()  # the captures' allocations, and no one else's
         self.failed = False
         self.reset()
 
     def reset(self) -> None:
         """A new epoch (a new learning rate): the next full batch is run, then captured anew."""
-        self.graph = self.pool = self.x = self.y = self.out = None
+        self.graph = self.x = self.y = self.out = None  # (the pool takes back what only they held)
         self.shape = None  # the shape of the batch run as it is, that the next one is captured at
 
     def __call__(self, x, y, lr: float):
@@ -203,7 +205,7 @@ class CapturedStep:
         xp = self.xp
         self.x, self.y = xp.empty_like(x), xp.empty_like(y)
         self.x[...], self.y[...] = x, y
-        self.pool, steps = xp.cuda.MemoryPool(), self.opt.steps
+        steps = self.opt.steps
         with xp.cuda.using_allocator(self.pool.malloc):
             self.stream.begin_capture()
             try:
