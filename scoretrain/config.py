@@ -80,7 +80,7 @@ class TrainConfig:
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step schedule: decay factor
     eval_batch_size: int = 1000
-    cuda_graph: bool = True  # on a GPU, replay each epoch's training step as a CUDA graph where the method and optimizer allow
+    cuda_graph: bool = True  # on a GPU, replay the training step as CUDA graphs where the method and optimizer allow
     bn_recalibration: int = 0  # training images that BatchNorm's running statistics are recomputed from before each measurement (0: the moving averages)
 
 

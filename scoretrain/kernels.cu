@@ -26,8 +26,10 @@ __global__ void straight_through(float* g, const float* w, const float* s, long 
     }
 }
 
-// optim.SGD: g += wd * p; buf = mu * buf + g; p -= lr * (g + mu * buf if nesterov else buf).
-__global__ void sgd(float* p, float* buf, const float* g, float lr, float mu, float wd, int nesterov, long long n) {
+// optim.SGD: g += wd * p; buf = mu * buf + g; p -= lr * (g + mu * buf if nesterov else buf). The
+// learning rate is read from the device (*lr), so that a CUDA graph of the step serves every epoch.
+__global__ void sgd(float* p, float* buf, const float* g, const float* lr_at, float mu, float wd, int nesterov, long long n) {
+    float lr = *lr_at;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float x = p[i], d = g[i];
         if (wd != 0.0f) d = __fadd_rn(d, __fmul_rn(x, wd));

@@ -294,8 +294,23 @@ def cuda():
     def straight_through(g, w, s):
         k["straight_through"](_grid(g.size), block, (g, w, s, i64(g.size)))
 
+    lr_buffer = []  # the device copy of a learning rate given as a host number
+
+    def device_lr(lr):
+        """sgd reads its learning rate on the device: a device scalar as it is (a CUDA graph's,
+        train.CapturedStep), a host number written into a buffer of its own (a fill launch)."""
+        if not isinstance(lr, (int, float, np.generic)):
+            return lr
+        if not lr_buffer:
+            lr_buffer.append(cupy.empty((), f32))
+        lr_buffer[0].fill(f32(lr))
+        return lr_buffer[0]
+
     def update(rule, p, g, state, scalars):
-        scalars = (*map(f32, scalars[:3]), i32(scalars[3])) if rule == "sgd" else tuple(map(f32, scalars))
+        if rule == "sgd":
+            scalars = (device_lr(scalars[0]), *map(f32, scalars[1:3]), i32(scalars[3]))
+        else:
+            scalars = tuple(map(f32, scalars))
         k[rule](_grid(p.size), block, (p, *state, g, *scalars, i64(p.size)))
 
     def per_block(name):  # one block per CHUNK of a group: the block table's length

@@ -20,7 +20,7 @@ def flat(a):
 
 class SGD:
     slots = ("momentum",)
-    replayable = True  # the step's scalars are the epoch's (train.CapturedStep)
+    replayable = True  # its one changing scalar, lr, can be a device array (train.CapturedStep)
 
     def __init__(self, xp, params: list, cfg: TrainConfig):
         self.xp = xp
@@ -29,9 +29,10 @@ class SGD:
         self.tmp = [xp.empty_like(p) for p in params]  # scratch, so a step allocates nothing
         self.steps = 0
 
-    def scalars(self, lr: float) -> tuple:
-        """The fused loops' scalars of a step (kernels.sgd), after the state arrays."""
-        return f32(lr), f32(self.mu), f32(self.wd), self.nesterov
+    def scalars(self, lr) -> tuple:
+        """The fused loops' scalars of a step (kernels.sgd), after the state arrays. `lr` is a
+        number, or a 0-d float32 device array (a CUDA graph's: train.CapturedStep), passed on."""
+        return f32(lr) if isinstance(lr, (int, float, np.generic)) else lr, f32(self.mu), f32(self.wd), self.nesterov
 
     def step_fused(self, lr: float, loop) -> None:
         """One step done by `loop(rule, state, scalars)`, a fused CPU loop that does more work in

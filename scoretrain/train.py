@@ -163,17 +163,21 @@ def train_step(net: Network, opt, x, y, lr: float):
 
 
 class CapturedStep:
-    """train_step on a GPU as a CUDA graph: captured at the second batch of an epoch (the first
-    runs as it is, so that every kernel is compiled and loaded first) and replayed for the rest,
-    one launch for the step's dozens of kernels. A graph holds fixed addresses and frozen arguments, so:
+    """train_step on a GPU as CUDA graphs: one per batch shape (the full batches, a smaller last
+    one), each captured the second time its shape comes (the first runs as it is, so that every
+    kernel is compiled and loaded first) and replayed from then on, for the whole run: one launch
+    for a step's dozens of kernels. A graph holds fixed addresses and frozen arguments, so:
     - its inputs are static buffers that each batch is copied into;
+    - the learning rate is a device scalar the graph reads (kernels.cu's sgd), set before each
+      launch where it changed;
     - what it allocates comes from a memory pool of its own, which nothing else allocates from,
       so that no replay touches memory handed out again (a temporary the capture frees goes back
       to that pool, and only a later point of the same capture, in stream order, reuses it);
-    - the learning rate is a kernel argument: a graph lasts one epoch (`reset`), and a smaller
-      last batch runs as it is;
-    - only methods and optimizers whose steps keep no host state are replayed (`replayable`:
-      not supermask's sampling, IteRand's redraws, or Adam's per-step bias corrections).
+    - a new k (the k warm-up) drops the graphs (`set_k`): the array code's top-k takes k as a
+      host number;
+    - only methods and optimizers whose steps keep no other host state are replayed
+      (`replayable`: not supermask's sampling, IteRand's redraws, or Adam's per-step bias
+      corrections).
     The steps run on a stream of its own (a capture cannot use the default one), which the
     whole training loop uses (`with step.stream`)."""
 
@@ -182,35 +186,39 @@ class CapturedStep:
         xp.cuda.get_current_stream().synchronize()  # what the default stream still holds (the setup)
         self.stream = xp.cuda.Stream(non_blocking=True)
         self.pool = xp.cuda.MemoryPool()  # the captures' allocations, and no one else's
-        self.failed = False
-        self.reset()
+        self.lr, self.lr_value = xp.zeros((), np.float32), None
+        self.failed, self.k = False, None
+        self.set_k(None)
 
-    def reset(self) -> None:
-        """A new epoch (a new learning rate): the next full batch is run, then captured anew."""
-        self.graph = self.x = self.y = self.out = None  # (the pool takes back what only they held)
-        self.shape = None  # the shape of the batch run as it is, that the next one is captured at
+    def set_k(self, k) -> None:
+        """The fraction the graphs were captured with; another drops them."""
+        if k != self.k or k is None:
+            self.graphs, self.seen, self.k = {}, set(), k  # shape -> (graph, x, y, out); shapes run once
 
     def __call__(self, x, y, lr: float):
-        if self.graph is not None and x.shape == self.x.shape:
-            self.x[...], self.y[...] = x, y
-            self.graph.launch(stream=self.stream)
+        if lr != self.lr_value:  # outside any capture: the graphs read it
+            self.lr[...], self.lr_value = lr, lr
+        if x.shape in self.graphs:
+            graph, xs, ys, out = self.graphs[x.shape]
+            xs[...], ys[...] = x, y
+            graph.launch(stream=self.stream)
             self.opt.steps += 1  # what the step does on the host (the capture did it for its own)
-            return self.out
-        if self.graph is None and x.shape == self.shape and not self.failed:
-            return self._capture(x, y, lr)
-        self.shape = x.shape
+            return out
+        if x.shape in self.seen and not self.failed:
+            return self._capture(x, y)
+        self.seen.add(x.shape)
         return train_step(self.net, self.opt, x, y, lr)
 
-    def _capture(self, x, y, lr: float):
+    def _capture(self, x, y):
         xp = self.xp
-        self.x, self.y = xp.empty_like(x), xp.empty_like(y)
-        self.x[...], self.y[...] = x, y
+        xs, ys = xp.empty_like(x), xp.empty_like(y)
+        xs[...], ys[...] = x, y
         steps = self.opt.steps
         with xp.cuda.using_allocator(self.pool.malloc):
             self.stream.begin_capture()
             try:
-                self.out = train_step(self.net, self.opt, self.x, self.y, lr)
-                self.graph = self.stream.end_capture()
+                out = train_step(self.net, self.opt, xs, ys, self.lr)
+                graph = self.stream.end_capture()
             except Exception as e:  # a CUDA call the capture cannot hold: nothing ran, train as it is
                 try:
                     self.stream.end_capture()
@@ -219,10 +227,10 @@ class CapturedStep:
                 print(f"note: the training step cannot be captured as a CUDA graph ({failure(e)}); "
                       "running it without one (train.cuda_graph=false says so up front)", file=sys.stderr)
                 self.failed, self.opt.steps = True, steps
-                self.reset()
-                return train_step(self.net, self.opt, x, y, lr)
-        self.graph.launch(stream=self.stream)
-        return self.out
+                return train_step(self.net, self.opt, x, y, self.lr_value)
+        self.graphs[x.shape] = graph, xs, ys, out
+        graph.launch(stream=self.stream)
+        return out
 
 
 class EagerStep:
@@ -233,7 +241,7 @@ class EagerStep:
     def __init__(self, net: Network, opt):
         self.net, self.opt = net, opt
 
-    def reset(self) -> None:
+    def set_k(self, k) -> None:
         pass
 
     def __call__(self, x, y, lr: float):
@@ -412,7 +420,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
         enter_epoch(net, cfg, epoch)
-        step.reset()  # (a CUDA graph holds the learning rate: one per epoch)
+        step.set_k(k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch))  # (CUDA graphs are captured with it)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import pytest
 from scoretrain import data, optim
 from scoretrain.backend import Backend
 from scoretrain.config import Config, ModelConfig, TrainConfig
+from scoretrain.methods import k_at
 from scoretrain.model import Network, init_network
 from scoretrain.train import CapturedStep, EagerStep, enter_epoch, stepper
 from strict_cupy import CaptureError, StrictCupy
@@ -24,7 +25,7 @@ REPLAYED = {
 
 def train(variant: dict, make_step, optimizer="sgd", epochs=2, extra=None, xp=None):
     """Two epochs of 5 batches of 16 and a last one of 8 (its own shape), augmented, at a new
-    learning rate each epoch, on the stand-in (or `xp`: CuPy in test_gpu.py); every step's loss,
+    learning rate each epoch (the graphs serve both), on the stand-in (or `xp`: CuPy in test_gpu.py); every step's loss,
     and the final state, on the host."""
     xp = xp or StrictCupy()
     cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.4, **variant)
@@ -40,7 +41,7 @@ def train(variant: dict, make_step, optimizer="sgd", epochs=2, extra=None, xp=No
     with step.stream:
         for epoch in range(epochs):
             enter_epoch(net, Config(model=cfg, train=t), epoch)
-            step.reset()
+            step.set_k(k_at(cfg.k, cfg.k_warmup_epochs, epoch))
             perm = xp.asarray(np.random.default_rng([0, epoch]).permutation(88))
             for b in range(6):
                 idx = perm[b * 16 : (b + 1) * 16]
@@ -68,8 +69,11 @@ def test_the_replayed_step_gives_the_bits_of_the_step_run_as_it_is(variant):
     eager = train(REPLAYED[variant], lambda net, opt, xp: EagerStep(net, opt))
     replayed = train(REPLAYED[variant], lambda net, opt, xp: CapturedStep(net, opt, xp))
     assert_same(eager, replayed)
-    graph = replayed[3].graph
-    assert graph is not None and graph.launches == 4  # epoch 2: batch 1 as it is, 2 captured, 2-5 launched, 6 as it is
+    graphs = replayed[3].graphs
+    if variant == "k warm-up":  # k changed after epoch 1: epoch 2 captured anew
+        assert graphs[16, 28, 28, 1][0].launches == 4 and (8, 28, 28, 1) not in graphs
+    else:  # the full batches': captured at batch 2 and launched at 2-5 and 7-11; the last batch's, at 12
+        assert graphs[16, 28, 28, 1][0].launches == 9 and graphs[8, 28, 28, 1][0].launches == 1
 
 
 def test_the_simulation_sees_host_state_a_graph_freezes():
@@ -88,7 +92,7 @@ def test_a_capture_that_fails_falls_back_to_the_step_as_it_is(capsys):
     eager = train(variant, lambda net, opt, xp: EagerStep(net, opt))
     fallen = train(variant, lambda net, opt, xp: CapturedStep(net, opt, xp))
     assert_same(eager, fallen)
-    assert fallen[3].failed and fallen[3].graph is None
+    assert fallen[3].failed and not fallen[3].graphs
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("note: the training step cannot be captured as a CUDA graph (CaptureError")
 

@@ -511,11 +511,13 @@ def test_cuda_kernel_wrappers_pass_what_each_kernel_declares(monkeypatch):
         def get_function(self, name):
             return lambda grid, block, args: launches.append((name, grid, block, args))
 
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule, empty=np.empty))
     cuda = kernels.cuda.__wrapped__()
     f = np.zeros(10_000, np.float32)
     cuda.straight_through(f, f, f)
-    cuda.update("sgd", f, f, (f,), (np.float32(0.1), np.float32(0.9), np.float32(5e-4), True))
+    for lr in (0.1, np.float32(0.1), np.full((), 0.1, np.float32)):  # a host number, or a device scalar (a graph's)
+        cuda.update("sgd", f, f, (f,), (lr, np.float32(0.9), np.float32(5e-4), True))
+    assert [a[3].shape for name, _, _, a in launches if name == "sgd"] == [()] * 3
     cuda.update("adam", f, f, (f, f), tuple(np.float32(v) for v in range(8)))
     topk = RadixTopK(np, [(0, 6000), (6000, 10_000)], cuda)
     topk.select(f, np.zeros(10_000, bool), f, f)
