@@ -622,8 +622,8 @@ class Network:
 def cross_entropy(xp, logits, y, grad: bool = True):
     """Summed loss, number correct (both 0-d device arrays) and dL/dlogits of the *mean* loss.
     On a GPU one CUDA kernel (kernels.cu) does it all, where the array code below is ~14."""
-    loops = fused(xp, logits) if xp is not np else None
-    if loops:
+    loops = fused(xp, logits) if xp is not np and y.dtype == np.int64 and y.flags.c_contiguous else None
+    if loops:  # (the labels as the kernel reads them: contiguous int64)
         loss, correct = xp.empty((), logits.dtype), xp.empty((), xp.int64)
         dlogits = xp.empty_like(logits) if grad else None
         loops.cross_entropy(logits, y, dlogits, loss, correct)
