@@ -91,7 +91,7 @@ def measure_pair(backend: Backend, x, y, methods: list[str], widths: list[int], 
             "split": split(backend, net, opt, x, y, batches[:split_steps]),
             "rss_growth_mb": rss1 - rss0,
             "gpu_used_mb": gpu_used_mb(backend),
-            "cuda_graph": getattr(step, "graph", None) is not None,  # the timed steps were a graph's replays
+            "cuda_graph": step.replaying,  # the timed steps were a graph's replays
         })
     return results
 

@@ -294,17 +294,15 @@ def cuda():
     def straight_through(g, w, s):
         k["straight_through"](_grid(g.size), block, (g, w, s, i64(g.size)))
 
-    lr_buffer = []  # the device copy of a learning rate given as a host number
+    lr_buffer = cupy.empty((), f32)  # the device copy of a learning rate given as a host number
 
     def device_lr(lr):
         """sgd reads its learning rate on the device: a device scalar as it is (a CUDA graph's,
         train.CapturedStep), a host number written into a buffer of its own (a fill launch)."""
         if not isinstance(lr, (int, float, np.generic)):
             return lr
-        if not lr_buffer:
-            lr_buffer.append(cupy.empty((), f32))
-        lr_buffer[0].fill(f32(lr))
-        return lr_buffer[0]
+        lr_buffer.fill(f32(lr))
+        return lr_buffer
 
     def update(rule, p, g, state, scalars):
         if rule == "sgd":

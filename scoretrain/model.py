@@ -273,6 +273,7 @@ class ResidualBlock:
         project = stride != 1 or c_in != c_out
         self.shortcut = [Conv2d(xp, c_in, c_out, 1, stride, pad=0), *norm(xp, c_out, bn)] if project else []
         self.children = self.main + self.shortcut
+        self.relu = ReLU(xp)  # of the sum
 
     def output_shape(self, shape: tuple) -> tuple[tuple, int]:
         kept, ends = 0, []  # every inner layer's output and extras live until the backward pass
@@ -297,13 +298,12 @@ class ResidualBlock:
         for layer in self.shortcut:
             s, c = layer.forward(s, w_eff, train)
             short.append(c)
-        out = y + s
-        out = self.xp.maximum(out, 0, out=out)
+        out, _ = self.relu.forward(y + s, w_eff, train)
         return out, (main, short, out)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         main, short, out = cache
-        d = d * (out > 0)
+        d = self.relu.backward(d, out, w_eff, grads, need_dx)
         dm, ds = d, d
         for layer, c in zip(reversed(self.main), reversed(main)):
             dm = layer.backward(dm, c, w_eff, grads, True)

@@ -188,12 +188,16 @@ class CapturedStep:
         self.pool = xp.cuda.MemoryPool()  # the captures' allocations, and no one else's
         self.lr, self.lr_value = xp.zeros((), np.float32), None
         self.failed, self.k = False, None
-        self.set_k(None)
+        self.graphs, self.seen = {}, set()  # shape -> (graph, x, y, out); the shapes run once
+
+    @property
+    def replaying(self) -> bool:
+        return bool(self.graphs)
 
     def set_k(self, k) -> None:
         """The fraction the graphs were captured with; another drops them."""
-        if k != self.k or k is None:
-            self.graphs, self.seen, self.k = {}, set(), k  # shape -> (graph, x, y, out); shapes run once
+        if k != self.k:
+            self.graphs, self.seen, self.k = {}, set(), k
 
     def __call__(self, x, y, lr: float):
         if lr != self.lr_value:  # outside any capture: the graphs read it
@@ -237,6 +241,7 @@ class EagerStep:
     """train_step as it is (the CPU; a GPU where the step cannot be replayed)."""
 
     stream = contextlib.nullcontext()
+    replaying = False
 
     def __init__(self, net: Network, opt):
         self.net, self.opt = net, opt
@@ -396,11 +401,13 @@ def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):
     return net, opt
 
 
-def enter_epoch(net: Network, cfg: Config, epoch: int) -> None:
+def enter_epoch(net: Network, cfg: Config, epoch: int) -> float:
     """What the network's method makes of an epoch (0-based): its random stream (supermask's
-    samples) and its fraction k (the k warm-up), both functions of (seed, epoch) alone."""
+    samples) and its fraction k (the k warm-up), both functions of (seed, epoch) alone. Returns k."""
     net.reseed(cfg.seed, epoch)
-    net.set_k(k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch))
+    k = k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch)
+    net.set_k(k)
+    return k
 
 
 def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop, step) -> None:
@@ -419,8 +426,7 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it.
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
-        enter_epoch(net, cfg, epoch)
-        step.set_k(k_at(cfg.model.k, cfg.model.k_warmup_epochs, epoch))  # (CUDA graphs are captured with it)
+        step.set_k(enter_epoch(net, cfg, epoch))  # (CUDA graphs are captured with it)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()

@@ -121,7 +121,7 @@ class DeviceArray(np.ndarray):
                     if isinstance(out, np.ndarray) and out.flags.writeable:
                         _copy_into(out, value)
             _record.append(replay)
-        return _device(result)
+        return device(result)
 
     def __getitem__(self, index):
         out = super().__getitem__(index)
@@ -167,21 +167,18 @@ def _arrays(*trees) -> list:
     return found
 
 
-def _device(value):
+def device(value):
     """NumPy's results as device arrays; everything else (dtypes, shapes, ints) as it is."""
     if isinstance(value, (np.ndarray, np.generic)):
         return np.asarray(value).view(DeviceArray)
     if isinstance(value, tuple):
-        return tuple(_device(v) for v in value)
+        return tuple(device(v) for v in value)
     return value
-
-
-device = _device
 
 
 def _wrap(f):
     def call(*args, **kwargs):
-        return _device(f(*args, **kwargs))
+        return device(f(*args, **kwargs))
 
     return call
 
@@ -192,7 +189,7 @@ FILLS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arang
 def _filling(f):
     """An allocation that also writes (a memset or a fill kernel): replayed with its contents."""
     def call(*args, **kwargs):
-        out = _device(f(*_base(args), **_base(kwargs)))
+        out = device(f(*_base(args), **_base(kwargs)))
         if _record is not None:
             dst, value = out.view(np.ndarray), out.view(np.ndarray).copy()
             _record.append(lambda: np.copyto(dst, value))
@@ -208,7 +205,7 @@ def _asarray(a, dtype=None):
     if _record is not None and not _is_view(out, _base(a)):  # a dtype conversion on the device
         src, dst = _base(a), out
         _record.append(lambda: _copy_into(dst, src))
-    return _device(out)
+    return device(out)
 
 
 class _Generator:

@@ -10,7 +10,6 @@ import pytest
 from scoretrain import data, optim
 from scoretrain.backend import Backend
 from scoretrain.config import Config, ModelConfig, TrainConfig
-from scoretrain.methods import k_at
 from scoretrain.model import Network, init_network
 from scoretrain.train import CapturedStep, EagerStep, enter_epoch, stepper
 from strict_cupy import CaptureError, StrictCupy
@@ -40,8 +39,7 @@ def train(variant: dict, make_step, optimizer="sgd", epochs=2, extra=None, xp=No
     losses = []
     with step.stream:
         for epoch in range(epochs):
-            enter_epoch(net, Config(model=cfg, train=t), epoch)
-            step.set_k(k_at(cfg.k, cfg.k_warmup_epochs, epoch))
+            step.set_k(enter_epoch(net, Config(model=cfg, train=t), epoch))
             perm = xp.asarray(np.random.default_rng([0, epoch]).permutation(88))
             for b in range(6):
                 idx = perm[b * 16 : (b + 1) * 16]
