@@ -49,12 +49,16 @@ Console.on_broken_pipe = Output.on_broken_pipe  # the same for the consoles Type
 
 # Off a terminal, rich would wrap at 80 columns: lines in logs stay whole instead.
 console = Output(highlight=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 
 def say(line: str) -> None:
-    """One line on stderr, never wrapped, never parsed as markup."""
-    err_console.print(line, soft_wrap=True, markup=False)
+    """One line on stderr, never wrapped, never parsed as markup (or emoji codes)."""
+    try:
+        err_console.print(line, soft_wrap=True, markup=False)
+    except MemoryError:  # rich allocates as it renders: out of memory, the line as it is
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def emit(text: str) -> None:

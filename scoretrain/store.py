@@ -165,7 +165,17 @@ def save(run_dir: Path, run: Run) -> None:
     run.epochs_saved = run.epochs_done
 
 
+# HDF5 crashes (a segfault, not an error) where its own allocations fail: under an address-space
+# limit (ulimit -v) that training has nearly used up, say. Before it runs, this much must be free,
+# or the write fails as Python's allocations do, with a MemoryError.
+HDF5_HEADROOM = 32 << 20
+
+
 def _write_h5(path: Path, run: Run) -> None:
+    try:
+        np.empty(HDF5_HEADROOM, np.uint8)  # address space only: nothing is touched
+    except MemoryError:
+        raise MemoryError(f"less than {HDF5_HEADROOM >> 20} MiB of memory left to write {path.name}") from None
     with h5py.File(path, "w") as f:
         for key, value in run.attrs.items():
             f.attrs[key] = value

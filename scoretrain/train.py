@@ -328,8 +328,10 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
     # detected (and reported in one line) at the end of the epoch.
     with StopOnSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         try:
+            # compile before the first epoch's clock starts, and before the network's buffers take
+            # memory: under a memory limit LLVM aborts the process where its allocations fail
+            warm_up(cfg, backend)
             net, opt = _network_and_optimizer(cfg, backend, run)
-            warm_up(cfg, backend)  # compile before the first epoch's clock starts
             reporter.start(run_dir, cfg, backend, run.epochs_done)
             step = stepper(cfg, backend, net, opt)
             with step.stream:
