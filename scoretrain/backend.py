@@ -49,7 +49,7 @@ def fused(xp, *arrays):
         return None
     if xp is np:
         return _kernels()
-    return _kernels().cuda() if getattr(xp, "__name__", "") == "cupy" else None
+    return _kernels().cuda(xp) if hasattr(xp, "RawModule") else None  # CuPy (or a stand-in that runs kernels)
 
 
 def load_kernels(xp) -> None:

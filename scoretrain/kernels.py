@@ -282,10 +282,10 @@ def _grid(n: int) -> tuple[int]:
 
 
 @functools.cache
-def cuda():
-    """The CUDA kernels, called like the numba loops (and like radix_select.MODEL's)."""
-    import cupy
-
+def cuda(cupy):
+    """The CUDA kernels, called like the numba loops (and like radix_select.MODEL's), for the
+    array module `cupy`: CuPy, or in the tests a stand-in whose RawModule runs the same source on
+    the CPU (tests/cuda_executor.py)."""
     module = cupy.RawModule(code=CUDA_SOURCE.read_text(), options=CUDA_OPTIONS, name_expressions=None)
     k = {name: module.get_function(name) for name in CUDA_KERNELS}
     f32, i32, i64 = np.float32, np.int32, np.int64

@@ -13,9 +13,13 @@ existed before, so that, as on a GPU, a capture changes nothing and its first la
 step. A replay that differs from running the code again means the code keeps state that a graph
 cannot see."""
 
+import contextlib
+import functools
 import types
 
 import numpy as np
+
+import cuda_executor
 
 
 class HostRead(AssertionError):
@@ -27,6 +31,19 @@ class CaptureError(AssertionError):
 
 
 _record = None  # the operations of the capture under way, or None
+_reads_allowed = False  # allowing_reads(): host reads are synchronizations, not errors
+
+
+@contextlib.contextmanager
+def allowing_reads():
+    """Host reads allowed, as CuPy allows them (each a synchronization): for a whole `fit`, whose
+    epoch ends read the loss back. The batch loop is checked without (tests/test_host_reads.py)."""
+    global _reads_allowed
+    _reads_allowed = True
+    try:
+        yield
+    finally:
+        _reads_allowed = False
 _undo = []  # (array, its contents before the capture wrote it), to restore at the capture's end
 
 
@@ -146,10 +163,15 @@ class DeviceArray(np.ndarray):
     def fill(self, value):
         self[...] = value
 
-    def _read(self, *args):
-        raise HostRead(f"a host read of a device array (shape {self.shape}, {self.dtype})")
+    def _read(name):
+        def read(self, *args):
+            if not _reads_allowed:
+                raise HostRead(f"a host read of a device array (shape {self.shape}, {self.dtype})")
+            return getattr(np.ndarray, name)(self.view(np.ndarray), *args)
+        return read
 
-    __bool__ = __int__ = __float__ = __index__ = __complex__ = item = tolist = _read
+    __bool__, __int__, __float__, __index__, __complex__, item, tolist = (
+        _read("__bool__"), _read("__int__"), _read("__float__"), _read("__index__"), _read("__complex__"), _read("item"), _read("tolist"))
 
     def get(self) -> np.ndarray:
         return np.array(self.view(np.ndarray))
@@ -201,6 +223,8 @@ def _filling(f):
 def _asarray(a, dtype=None):
     if _record is not None and not isinstance(a, DeviceArray):
         raise CaptureError("a copy from the host inside a stream capture (CuPy refuses it)")
+    if not isinstance(a, DeviceArray):  # a copy to the device, as CuPy's: never the host's memory
+        return device(np.array(a, dtype=dtype, copy=True))
     out = np.asarray(_base(a), dtype=dtype)
     if _record is not None and not _is_view(out, _base(a)):  # a dtype conversion on the device
         src, dst = _base(a), out
@@ -222,8 +246,11 @@ class Graph:
     def __init__(self, ops: list):
         self.ops, self.launches = ops, 0
 
+    replays = 0  # launches of every graph, in this process
+
     def launch(self, stream=None):
         self.launches += 1
+        Graph.replays += 1
         for op in self.ops:
             op()
 
@@ -280,14 +307,58 @@ class _UsingAllocator:
 _current = Stream()
 
 
-class StrictCupy:
-    """The `xp` of the stand-in: np's functions, their array results on the "device"."""
+class _Device:
+    """cupy.cuda.Device(): its memory is the host's here."""
 
-    __name__ = "strict_cupy"  # not "cupy": backend.fused hands it no CUDA kernels, the array code runs
+    def __init__(self, index=0):
+        pass
+
+    @property
+    def mem_info(self):
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"], info["MemTotal"]
+
+
+class _Function(cuda_executor.Function):
+    """A kernel of the executor's RawModule: its launches are recorded in a capture, as a CUDA
+    graph records a kernel node (device arrays by reference, host scalars by value)."""
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        launch = cuda_executor.Launch(self, grid, block, args, shared_mem)
+        _will_write(*(a.view(np.ndarray) for a in launch.written))
+        launch()
+        if _record is not None:
+            _record.append(launch)
+
+
+class RawModule(cuda_executor.RawModule):
+    """cupy.RawModule on the CPU executor (cuda_executor.py): the source compiled with g++ and
+    run with CUDA's semantics; device arrays are this stand-in's."""
+
+    def __init__(self, code, options=(), name_expressions=None, seed=0):
+        super().__init__(code, options, name_expressions, device_array=DeviceArray, seed=seed)
+
+    def get_function(self, name):
+        return _Function(self, name)
+
+
+class StrictCupy:
+    """The `xp` of the stand-in: np's functions, their array results on the "device". With
+    `kernels` (the default) it has a RawModule, so backend.fused hands the training loop
+    kernels.cuda(), all its CUDA kernels run on the executor, as on a GPU; without, it has none,
+    and the array code runs (what CuPy runs for float64, or where no kernel applies). `seed`
+    varies the executor's thread and block orders."""
+
+    __name__ = "strict_cupy"
+
+    def __init__(self, kernels: bool = True, seed: int = 0):
+        if kernels:
+            self.RawModule = functools.partial(RawModule, seed=seed)
     random = types.SimpleNamespace(default_rng=lambda *a, **k: _Generator(np.random.default_rng(*a, **k)))
     lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_wrap(np.lib.stride_tricks.as_strided)))
     cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=MemoryPool, using_allocator=_UsingAllocator,
-                                 get_current_stream=lambda: _current)
+                                 get_current_stream=lambda: _current, Device=_Device)
     asarray = staticmethod(_asarray)
 
     def __getattr__(self, name):
