@@ -43,6 +43,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent / "cuda_executor"
 CACHE = Path(os.environ.get("SCORETRAIN_EXECUTOR_CACHE", HERE.parent.parent / "build" / "cuda_executor"))
 CXX = os.environ.get("CXX", "g++")
+KERNELS_CU = HERE.parent.parent / "scoretrain" / "kernels.cu"
 FLAGS = ("-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-no-pie",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all")
 RUNTIME_FLAGS = ("-std=c++17", "-O2", "-g", "-no-pie")
@@ -388,6 +389,9 @@ class RawModule:
     varies the thread and block orders and the shared-memory garbage."""
 
     def __init__(self, code: str, options: tuple = (), name_expressions=None, *, device_array=np.ndarray, seed: int = 0):
+        mutant = os.environ.get("CUDA_EXECUTOR_MUTANT")  # tools/mutate_kernels.py: a bug put in kernels.cu
+        if mutant and code == KERNELS_CU.read_text():
+            code = Path(mutant).read_text()
         self.kernels = parse_kernels(code)
         self.device_array, self.seed = device_array, seed
         options = tuple(options) + CUPY_OPTIONS

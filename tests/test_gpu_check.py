@@ -15,8 +15,10 @@ def test_the_gpu_check_runs_through_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ok"] and report["dry_run"]
-    assert [s["step"] for s in report["steps"]] == ["gpu tests", "bench", "fit gpu", "fit gpu, no graph", "fit cpu", "eval on the run's device", "eval on the cpu"]
+    assert [s["step"] for s in report["steps"]] == ["gpu tests", "executed kernels", "bench", "fit gpu", "fit gpu, no graph", "fit cpu", "eval on the run's device", "eval on the cpu"]
     assert report["targets"] == {"eval reproduces the record on both devices": True, "GPU run within 0.2 points of the CPU run": True,
                                  "the CUDA graph's run gives the metrics of the run without one, bit for bit": True}
     assert set(report["figures"]["bench"]) == {"b128", "b1024"} and report["figures"]["eval"]["the cpu"]["matches_record"]
     assert (tmp_path / "report.md").read_text().startswith("# gpu-check (dry run, CPU): PASS")
+    executed = next(s for s in report["steps"] if s["step"] == "executed kernels")
+    assert executed["rc"] == 0 and " passed" in executed["tail"] and "skipped" not in executed["tail"]  # the kernels ran

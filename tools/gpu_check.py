@@ -4,7 +4,9 @@ It needs no install step and no network: it runs this checkout with the machine'
 (PYTHONPATH=the repo; numpy, cupy, h5py, typer, rich, pyyaml and numba must be there, pytest for
 the GPU tests). In order, each with its own time limit:
 
-  1. the GPU tests (tests/test_gpu.py; skipped where pytest is missing);
+  1. the GPU tests (tests/test_gpu.py), then kernels.cu on the CPU executor
+     (tests/test_cuda_executor.py: every kernel against its oracle under AddressSanitizer, the
+     dry run without its fits); both skipped where pytest is missing;
   2. `scoretrain bench --device gpu`;
   3. `scoretrain fit configs/mnist_fc.yaml` on the GPU (its steps replayed as CUDA graphs), again
      with train.cuda_graph=false (the same bits are expected), and on the CPU for reference;
@@ -78,8 +80,12 @@ def main() -> int:
         import pytest  # noqa: F401
 
         run("gpu tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 240, steps)
+        # kernels.cu on the CPU executor (g++, ASan): what CI proves; the dry run leaves out the fits, which CI runs anyway
+        run("executed kernels", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_executor.py",
+                                 *(["-k", "not fit"] if a.dry_run else [])], 300, steps)
     except ImportError:
-        steps.append({"step": "gpu tests", "command": "pytest tests/test_gpu.py", "rc": None, "seconds": 0, "tail": "pytest is not installed"})
+        for name, test in (("gpu tests", "test_gpu.py"), ("executed kernels", "test_cuda_executor.py")):
+            steps.append({"step": name, "command": f"pytest tests/{test}", "rc": None, "seconds": 0, "tail": "pytest is not installed"})
     run("bench", ["-m", "scoretrain", "bench", "--device", dev, *quick, "--json", str(out / "bench.json")], 240, steps)
     run("fit gpu", ["-m", "scoretrain", "fit", FC, f"device={dev}", *small, "--runs-dir", str(out / "runs"), "--name", "gpu", "-q"], 180, steps)
     run("fit gpu, no graph", ["-m", "scoretrain", "fit", FC, f"device={dev}", "train.cuda_graph=false", *small, "--runs-dir", str(out / "runs"),
