@@ -43,8 +43,9 @@ class Backend:
 def fused(xp, *arrays):
     """The fused loops (kernels.py) that take these arrays, or None where the array code runs.
     They take contiguous float32 arrays (and see them flat, as a.reshape(-1), a view): on NumPy
-    every loop, as numba code; on CuPy the straight-through and optimizer updates, as CUDA
-    kernels. float64 (the gradient checks) takes the array code."""
+    every loop, as numba code; on CuPy (an array module with a RawModule: the tests' stand-in
+    runs the same kernels on the CPU) the CUDA kernels of kernels.cu. float64 (the gradient
+    checks) takes the array code."""
     if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
         return None
     if xp is np:

@@ -12,8 +12,9 @@ radix_select.py) are CUDA kernels, kernels.cu, loaded at the end of this file. b
 out, for contiguous float32 arrays; float64 (the gradient checks) takes the array code.
 
 Each loop gives the same bits as the array code it replaces, as written in its docstring:
-tests/test_model.py checks the numba loops against it, and tests/test_gpu.py the CUDA kernels
-against the numba loops. numba does not check bounds: every loop runs over its first array's
+tests/test_model.py checks the numba loops against it, and tests/test_cuda_executor.py the CUDA
+kernels against the numba loops, kernels.cu compiled for and run on the CPU (tests/test_gpu.py
+does the same on a GPU). numba does not check bounds: every loop runs over its first array's
 size (score_step over its band's spans, settle over its indices), and the others must be as long. numba takes ~0.4 s to import, so this module is imported
 on first use; the compiled loops are cached on disk (cache=True), so only a machine's first run
 compiles them.

@@ -4,8 +4,9 @@ scores in the same few launches, with no sort, no host read and no allocation pe
 RadixTopK drives the kernels of kernels.cu. `MODEL` is the same algorithm as NumPy code, one
 function per CUDA kernel with its arguments, its buffers and its steps in its order (a CUDA block
 is one iteration of a loop over blocks; its threads are array code): CI runs the model against a
-stable sort (tests/test_radix_select.py), the GPU tests run the CUDA kernels against the model,
-and tests/test_nvrtc.py compiles kernels.cu as CuPy does.
+stable sort (tests/test_radix_select.py) and the CUDA kernels against the model on the CPU
+executor (tests/test_cuda_executor.py), the GPU tests do the same on a GPU, and
+tests/test_nvrtc.py compiles kernels.cu as CuPy does.
 
 The result is methods.topk_mask's: per group exactly k values kept, those with the largest |x|,
 ties at the threshold going to the lowest indices (the first k of a stable descending sort).

@@ -1,7 +1,11 @@
 """A strict CuPy stand-in for CI, which has no GPU: NumPy, with CuPy's rules for what stays on the
 device. Reductions and scalar indexing give 0-d device arrays (not host scalars, as NumPy does),
 and a device array refuses everything that would read it back to the host in CuPy: bool(),
-int(), float(), __index__, .item(), .tolist(). `.get()` is the explicit copy to the host.
+int(), float(), __index__, .item(), .tolist(). `.get()` is the explicit copy to the host, and
+`asarray` of a host array a copy to the device (never a view of the host's memory).
+
+Its RawModule runs kernels.cu on the CPU executor (cuda_executor.py), so the training loop gets
+kernels.cuda() as on a GPU, and every CUDA kernel runs where CuPy would launch it.
 
 It also simulates CUDA graphs (xp.cuda: Stream.begin_capture / end_capture, Graph.launch). While
 a stream captures, every operation on device arrays is recorded with the arrays it read and

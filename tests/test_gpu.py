@@ -55,7 +55,7 @@ def test_the_cuda_radix_select_gives_its_cpu_models_masks_and_a_stable_sorts(kin
     groups, x, w, _ = problem(kind)
     kept = [max(1, (hi - lo) // 3) for lo, hi in groups]
     results = []
-    for xp, k in ((np, MODEL), (cp, kernels.cuda())):
+    for xp, k in ((np, MODEL), (cp, kernels.cuda(cp))):
         topk = RadixTopK(xp, groups, k)
         topk.set_kept(kept)
         mask, w_out = xp.zeros(x.size, bool), xp.zeros(x.size, np.float32)
