@@ -1,5 +1,7 @@
 """`scoretrain bench`: seconds per epoch and samples per second of the training step on the
-current backend, edge-popup against dense, with the time split between its phases.
+current backend, edge-popup against dense, with the time split between its phases; with
+`--net lenet` or `--net resnet20`, the step of that shipped config (configs/mnist_NET.yaml: its
+network, batch size and learning rate), split by layer kind and phase.
 
 Throughput is timed over consecutive steps with a single device sync at the end, as training
 runs. Shared machines are noisy, so the two methods of a case are timed in alternating rounds
@@ -14,14 +16,19 @@ import math
 import resource
 import socket
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
+from . import config as config_mod
 from . import optim
 from .backend import Backend
 from .config import Config, ModelConfig, TrainConfig
+from .errors import ConfigError
+from .layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, walk
 from .model import Network, cross_entropy, init_network
-from .train import stepper
+from .train import enter_epoch, stepper
 
 TRAIN_SAMPLES = 60000  # an MNIST epoch
 
@@ -177,3 +184,110 @@ def table(rows: list[dict], title: str):
         t.add_row(widths, str(batch), f"{ep['seconds_per_epoch']:.3f}", f"{d['seconds_per_epoch']:.3f}",
                   f"{ep['seconds_per_epoch'] / d['seconds_per_epoch']:.2f}", f"{ep['samples_per_second']:,.0f}", f"{d['samples_per_second']:,.0f}")
     return t
+
+
+# --- the conv and residual nets: a shipped config's step, by layer kind and phase ---------------------
+
+NETS = ("mlp", "lenet", "resnet20")  # --net: mlp is the cases above; the others configs/mnist_NET.yaml
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KINDS = {Conv2d: "conv", BatchNorm: "batchnorm", ReLU: "relu", ResidualBlock: "residual add", GlobalAvgPool: "pool",
+         MaxPool2d: "pool", Linear: "linear"}
+
+
+def recipe(net: str) -> Config:
+    """configs/mnist_NET.yaml, as `fit` reads it."""
+    path = CONFIGS / f"mnist_{net}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--net {net}: {path} is missing (bench --net reads the shipped configs of a checkout)")
+    return config_mod.load(path, [])
+
+
+def measure_net(backend: Backend, x, y, net_name: str, steps: int, rounds: int, split_steps: int) -> dict:
+    """The shipped config's training step as `fit` takes it: its best round of `steps` steps, and
+    where a step's time goes (layer_split)."""
+    cfg = recipe(net_name)
+    h, w, c = x.shape[1:]
+    weights, scores = init_network(cfg.model, cfg.seed, (h, w, c), 10)
+    net = Network(backend.xp, cfg.model, weights, scores, (h, w, c), 10)
+    opt = optim.make(backend.xp, net.params, cfg.train)
+    enter_epoch(net, cfg, 0)
+    step, batch, lr = stepper(cfg, backend, net, opt), cfg.train.batch_size, cfg.train.lr
+    n = len(y)
+    perm = backend.xp.asarray(np.random.default_rng(0).permutation(n))
+    batches = [perm[(i * batch) % (n - batch + 1):][:batch] for i in range(steps)]
+    times = []
+    with step.stream:
+        for idx in batches[:3]:  # first calls: BLAS threads, compiled loops, the graph captured
+            step(x[idx], y[idx], lr)
+        backend.sync()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for idx in batches:
+                step(x[idx], y[idx], lr)
+            backend.sync()
+            times.append((time.perf_counter() - t0) / steps)
+    per_step = min(times)
+    return {"net": net_name, "arch": cfg.model.arch, "width": cfg.model.width, "method": cfg.model.method, "batch_size": batch,
+            "lr": lr, "steps": steps, "rounds": rounds, "seconds_per_step": per_step, "seconds_per_step_rounds": times,
+            "seconds_per_epoch": per_step * math.ceil(TRAIN_SAMPLES / batch), "samples_per_second": batch / per_step,
+            "split": layer_split(backend, net, opt, x, y, batches[:split_steps], lr), "cuda_graph": step.replaying}
+
+
+def layer_split(backend: Backend, net, opt, x, y, batches, lr) -> dict:
+    """Seconds per step in each layer kind's forward and backward pass (a block's own: its residual
+    add, without its layers'), the mask selection, the loss and the update (the straight-through
+    gradient and the optimizer), each timed to its end, from a pass that syncs after every layer."""
+    clock, spent, inner = time.perf_counter, defaultdict(float), []
+
+    def timed(name, f):
+        def call(*args, **kwargs):
+            backend.sync()
+            t0 = clock()
+            inner.append(0.0)
+            out = f(*args, **kwargs)
+            backend.sync()
+            dt = clock() - t0
+            spent[name] += dt - inner.pop()  # its own time: not its children's
+            if inner:
+                inner[-1] += dt
+            return out
+        return call
+
+    layers = list(walk(net.layers))
+    for layer in layers:
+        kind = KINDS.get(type(layer), type(layer).__name__.lower())
+        layer.forward, layer.backward = timed(f"{kind} forward", layer.forward), timed(f"{kind} backward", layer.backward)
+    try:
+        select, loss, update = timed("mask selection", net.effective_weights), timed("loss", cross_entropy), timed("update", net.update)
+        for idx in batches:
+            xb, yb = x[idx], y[idx]
+            w_eff = select()
+            logits, caches = timed("forward", net.forward)(xb, w_eff)
+            _, _, dlogits = loss(backend.xp, logits, yb)
+            timed("backward", net.backward)(caches, w_eff, dlogits)
+            update(opt, lr)
+    finally:
+        for layer in layers:  # the instance attributes go: the class's methods again
+            del layer.forward, layer.backward
+    spent["other forward"], spent["other backward"] = spent.pop("forward"), spent.pop("backward")  # outside the layers
+    return {k: v / len(batches) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+def run_net(backend: Backend, x, y, net_name: str, quick: bool, console) -> dict:
+    """The --net case: a line of figures, then its split as a table."""
+    from rich.table import Table
+
+    steps, rounds = (3, 2) if quick else (10, 5)
+    r = measure_net(backend, x, y, net_name, steps, rounds, min(steps, 5))
+    console.print(f"bench on {backend.name} ({backend.device}): configs/mnist_{net_name}.yaml ({r['method']} {r['arch']} "
+                  f"x{r['width']:g}, batch {r['batch_size']}, lr {r['lr']:g}): {r['seconds_per_step']:.4f} s/step (best of {rounds} "
+                  f"rounds of {steps}), {r['seconds_per_epoch']:.1f} s/epoch, {r['samples_per_second']:,.0f} samples/s"
+                  f"{'  (CUDA graph)' if r['cuda_graph'] else ''}", soft_wrap=True, markup=False)
+    t = Table(title="where a step goes (a pass that syncs after each layer)", title_justify="left")
+    for col in ("phase", "ms / step", "share"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    total = sum(r["split"].values())
+    for name, sec in r["split"].items():
+        t.add_row(name, f"{1000 * sec:.2f}", f"{100 * sec / total:.1f}%")
+    console.print(t)
+    return {"backend": backend.name, "device": backend.device, "host": socket.gethostname(), "net": r, "peak_rss_mb": peak_rss_mb()}

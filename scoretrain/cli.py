@@ -445,15 +445,24 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu, gpu or gpu:N."),
     quick: bool = typer.Option(False, "--quick", help="Fewer steps per case (a smoke run)."),
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the figures as JSON."),
+    net: str = typer.Option("mlp", "--net", help="mlp: edge-popup against dense on MLPs; lenet, resnet20: the training step "
+                            "of configs/mnist_NET.yaml, split by layer kind and phase."),
 ) -> None:
     """Measure seconds per epoch and samples/s of edge-popup and dense training (a benchmark, not a test)."""
     from . import bench as bench_mod  # only this command needs it
 
+    if net not in bench_mod.NETS:
+        raise ConfigError(f"--net: expected one of {', '.join(bench_mod.NETS)}, got {net!r}")
     cfg = config_mod.validate(config_mod.Config(device=device))
+    if net != "mlp":
+        cfg = bench_mod.recipe(net)
     writable_file(json_path, "--json")  # before the benchmark, not after minutes of it
     backend = resolve(device)
     dd = train.load_data(cfg, backend)
-    results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
+    if net == "mlp":
+        results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
+    else:
+        results = bench_mod.run_net(backend, dd.x_train, dd.y_train, net, quick, console)
     try:
         store.write_atomic(json_path, lambda p: p.write_text(json.dumps(results, indent=1)))
     except OSError as e:

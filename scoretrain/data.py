@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import __version__
 from .errors import DataError
@@ -234,7 +236,7 @@ def mirrors(spec: DatasetSpec) -> list[str]:
 
 def http_get(url: str, dest: Path, bar=None) -> None:
     """Stream url into dest; raises on a connection or HTTP error and on a short body. `bar`
-    (progress.DownloadBar) shows the bytes as they come."""
+    (DownloadBar) shows the bytes as they come."""
     request = urllib.request.Request(url, headers={"User-Agent": f"scoretrain/{__version__} (+urllib)"})
     with urllib.request.urlopen(request, timeout=TIMEOUT) as response, open(dest, "wb") as f:
         size, promised = 0, response.headers.get("Content-Length")
@@ -262,12 +264,36 @@ def failure(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
+class DownloadBar:
+    """A download's bar: bytes so far of the whole, rate, time left; on stderr, and only while
+    that is a terminal (in a log, the `downloading URL` line alone)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress = None
+
+    def start(self, name: str, total: int | None) -> None:
+        if not self.console.is_terminal:
+            return
+        self.progress = Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=self.console)
+        self.task = self.progress.add_task(name, total=total)
+        self.progress.start()
+
+    def advance(self, n: int) -> None:
+        if self.progress:
+            self.progress.advance(self.task, n)
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+
 def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tuple[Path, str]:
     """Fetch `filename`.gz from the first mirror that serves a verified copy; returns (path, URL).
     Each attempt goes to a temporary file in `folder` that is renamed into place only once it
     verifies, so no reader (nor a parallel run downloading the same file) ever sees a partial file."""
-    from .progress import DownloadBar  # not at the top: progress -> config -> data
-
     dest = folder / (filename + ".gz")
     tried = []
     for base in mirrors(spec):

@@ -173,13 +173,13 @@ __global__ void topk_mask(const unsigned int* x, const long long* bounds, const 
 
 // --- the elementwise chains of a layer's backward pass and of the loss -----------------------------
 
-// model.ReLU.backward: out = d * (y > 0), one pass (the array code's two and a bool temporary).
+// layers.ReLU.backward: out = d * (y > 0), one pass (the array code's two and a bool temporary).
 __global__ void relu_backward(const float* d, const float* y, float* out, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
 }
 
-// model.Conv2d.backward's col2im as a gather, kernels.col2im's loop: dx (padded, [n, hp, wp, c])
+// layers.Conv2d.backward's col2im as a gather, kernels.col2im's loop: dx (padded, [n, hp, wp, c])
 // at (b, yp, xp, ch) sums dcols [n, ho, wo, k, k, c] over the patches that read it, in the array
 // code's order, (i, j) ascending from 0. A thread per element of dx; none writes another's.
 __global__ void col2im(const float* dcols, float* dx, int n, int ho, int wo, int k, int c, int hp, int wp,

@@ -11,8 +11,7 @@ import statistics
 import time
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import store
@@ -112,29 +111,3 @@ def summary(console: Console, run_dir, run) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-
-
-class DownloadBar:
-    """A download's bar: bytes so far of the whole, rate, time left; on stderr, and only while
-    that is a terminal (in a log, the `downloading URL` line alone)."""
-
-    def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True)
-        self.progress = None
-
-    def start(self, name: str, total: int | None) -> None:
-        if not self.console.is_terminal:
-            return
-        self.progress = Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), console=self.console)
-        self.task = self.progress.add_task(name, total=total)
-        self.progress.start()
-
-    def advance(self, n: int) -> None:
-        if self.progress:
-            self.progress.advance(self.task, n)
-
-    def stop(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None

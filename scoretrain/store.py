@@ -27,7 +27,8 @@ from . import config as config_mod
 from .data import SHAPES
 from .errors import ConfigError, RunError
 from .methods import METHODS
-from .model import build_layers, norm_layers, score_shape, weight_layers
+from .layers import norm_layers, weight_layers
+from .model import build_layers, score_shape
 
 try:
     import fcntl

@@ -25,7 +25,8 @@ from .backend import Backend, address_limit
 from .config import Config, dump
 from .errors import ConfigError, RunError
 from .methods import METHODS, k_at
-from .model import Network, build_layers, cross_entropy, init_network, weight_layers
+from .layers import weight_layers
+from .model import Network, build_layers, cross_entropy, init_network
 
 
 @dataclass

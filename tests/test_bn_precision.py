@@ -12,7 +12,8 @@ import pytest
 
 from scoretrain import data
 from scoretrain.config import ModelConfig
-from scoretrain.model import Network, ReLU, cross_entropy, init_network, walk
+from scoretrain.layers import ReLU, walk
+from scoretrain.model import Network, cross_entropy, init_network
 from strict_cupy import StrictCupy
 
 TOLERANCE = 1e-3

@@ -121,7 +121,7 @@ def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
 
 @pytest.mark.gpu
 def test_cuda_relu_and_col2im_kernels_give_the_bits_of_the_cpu():
-    from scoretrain.model import Conv2d, ReLU
+    from scoretrain.layers import Conv2d, ReLU
 
     cp = GPU.xp
     rng = np.random.default_rng(1)

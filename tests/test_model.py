@@ -361,6 +361,31 @@ def test_bench_measures_a_small_case():
     assert pair[1]["split"]["select"] < pair[0]["split"]["select"]  # dense has no mask to select
 
 
+def test_bench_of_a_shipped_conv_net_splits_the_step_by_layer_kind(tmp_path):
+    """`bench --net resnet20`: the step of configs/mnist_resnet20.yaml (its batch size and learning
+    rate), the time of each layer kind's passes, the blocks' own (the residual add) apart from
+    their layers'. An unknown --net is one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from scoretrain import bench
+    from scoretrain.backend import resolve
+    from scoretrain.cli import app
+
+    x = np.random.default_rng(0).standard_normal((300, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 300)
+    r = bench.measure_net(resolve("cpu"), x, y, "resnet20", steps=2, rounds=2, split_steps=1)
+    assert (r["arch"], r["width"], r["batch_size"], r["lr"]) == ("resnet20", 0.5, 128, 0.1)  # the shipped recipe
+    assert r["seconds_per_step"] == min(r["seconds_per_step_rounds"]) > 0
+    split = r["split"]
+    kinds = {"conv", "batchnorm", "relu", "residual add", "pool", "linear"}
+    assert set(split) == {f"{k} {p}" for k in kinds for p in ("forward", "backward")} | {
+        "mask selection", "loss", "update", "other forward", "other backward"}
+    assert all(v >= 0 for k, v in split.items() if not k.startswith("other"))
+    assert split["conv forward"] > split["residual add forward"]  # a block's own time is its add, not its convs'
+    result = CliRunner().invoke(app, ["bench", "--net", "resnet9", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "--net: expected one of mlp, lenet, resnet20" in result.output
+
+
 # --- the CuPy code path, run on NumPy -----------------------------------------------------------
 
 
@@ -474,7 +499,7 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
 
 
 def test_the_relu_loop_gives_the_array_codes_bits():
-    from scoretrain.model import ReLU
+    from scoretrain.layers import ReLU
 
     rng = np.random.default_rng(3)
     y = np.maximum(rng.standard_normal((64, 50)).astype(np.float32), 0)

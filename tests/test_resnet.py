@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from scoretrain import store
 from scoretrain.cli import app
 from scoretrain.config import ModelConfig
-from scoretrain.model import (BatchNorm, Conv2d, GlobalAvgPool, Network, ResidualBlock, build_layers, cross_entropy,
-                              init_network, weight_layers)
+from scoretrain.layers import BatchNorm, Conv2d, GlobalAvgPool, ResidualBlock, weight_layers
+from scoretrain.model import Network, build_layers, cross_entropy, init_network
 
 from conftest import FC, assert_identical, stopped_run
 

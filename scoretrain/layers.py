@@ -1,0 +1,338 @@
+"""The layers of a score network: linear, conv, ReLU, BatchNorm, pooling, flatten and residual
+blocks, each one object with its forward and backward pass. Every weight layer computes with the
+effective weights W_eff it is given and writes dL/dW_eff: how those are made from the frozen
+random weights and what is learned is the method's (methods.py); the layers never know which.
+model.py builds architectures from them.
+
+All array code is written against `xp` (numpy or cupy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import fused
+
+
+# --- layers -----------------------------------------------------------------------------------
+# Every layer: forward(x, w_eff, train) -> (y, cache) and backward(d, cache, w_eff, grads, need_dx)
+# -> dx. A weight layer computes with w_eff[self.index] and writes dL/dW_eff into grads[self.index]
+# (build_layers numbers them in forward order); `train` is the training pass (BatchNorm's batch
+# statistics) or the measuring one. A block is a layer made of layers (its `children`). Every
+# layer says its output shape (output_shape) and describes itself for `export` (describe).
+# Images are channels-last, [N, H, W, C]; conv weights are [out, kh, kw, in].
+
+
+class Linear:
+    kind = "linear"
+
+    def __init__(self, xp, n_in: int, n_out: int):
+        self.xp, self.shape, self.fan_in, self.index = xp, (n_out, n_in), n_in, None
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        """The output's per-sample shape for an input's, and how many more values per sample the
+        layer keeps for its backward pass (the im2col patches of a conv)."""
+        return (self.shape[0],), 0
+
+    def describe(self) -> dict:
+        """What export writes of the layer: x @ W.T, no bias."""
+        return {"type": "linear", "weight": f"weight_{self.index:02d}", "shape": list(self.shape)}
+
+    def forward(self, x, w_eff, train):
+        return x @ w_eff[self.index].T, x
+
+    def backward(self, d, x, w_eff, grads, need_dx):
+        self.xp.matmul(d.T, x, out=grads[self.index])
+        return d @ w_eff[self.index] if need_dx else None
+
+
+class Conv2d:
+    """A k x k convolution with a stride, zero padding (k // 2 by default: 'same' at stride 1),
+    as one GEMM over im2col patches."""
+
+    kind = "conv"
+
+    def __init__(self, xp, c_in: int, c_out: int, k: int, stride: int = 1, pad: int | None = None):
+        self.xp, self.shape, self.fan_in, self.index = xp, (c_out, k, k, c_in), c_in * k * k, None
+        self.k, self.stride, self.pad = k, stride, k // 2 if pad is None else pad
+
+    def _out(self, h: int, w: int) -> tuple[int, int]:
+        k, s, p = self.k, self.stride, self.pad
+        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        h, w, c = shape
+        ho, wo = self._out(h, w)
+        return (ho, wo, self.shape[0]), ho * wo * self.k * self.k * c
+
+    def describe(self) -> dict:
+        same = self.stride == 1 and self.pad == self.k // 2
+        return {"type": "conv", "weight": f"weight_{self.index:02d}", "shape": list(self.shape),
+                "padding": "same" if same else self.pad, "stride": self.stride}
+
+    def forward(self, x, w_eff, train):
+        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
+        n, h, wd, c = x.shape
+        ho, wo = self._out(h, wd)
+        if p:
+            padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
+            padded[:, p : p + h, p : p + wd] = x
+        else:
+            padded = xp.ascontiguousarray(x)
+        # im2col as a strided view [n, ho, wo, k, k, c] of the padded input; the reshape copies it once
+        sn, sh, sw, sc = padded.strides
+        cols = xp.lib.stride_tricks.as_strided(padded, (n, ho, wo, k, k, c), (sn, sh * st, sw * st, sh, sw, sc))
+        cols = cols.reshape(n * ho * wo, k * k * c)
+        y = cols @ w.reshape(len(w), -1).T
+        return y.reshape(n, ho, wo, len(w)), (cols, x.shape)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
+        cols, (n, h, wd, c) = cache
+        ho, wo = d.shape[1:3]
+        d2 = d.reshape(-1, len(w))
+        xp.matmul(d2.T, cols, out=grads[self.index].reshape(len(w), -1))
+        if not need_dx:
+            return None
+        dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, ho, wo, k, k, c)
+        dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
+        loops = fused(xp, dcols, dx)
+        if loops:  # the same sums as the loop below, in one pass (numba; a CUDA kernel)
+            loops.col2im(dcols, st, dx)
+            return dx[:, p : p + h, p : p + wd]
+        for i in range(k):  # col2im: each patch adds its gradient back where it was read
+            for j in range(k):
+                dx[:, i : i + st * (ho - 1) + 1 : st, j : j + st * (wo - 1) + 1 : st] += dcols[:, :, :, i, j]
+        return dx[:, p : p + h, p : p + wd]
+
+
+class ReLU:
+    def __init__(self, xp):
+        self.xp = xp
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return shape, 0
+
+    def describe(self) -> dict:
+        return {"type": "relu"}
+
+    def forward(self, x, w_eff, train):
+        y = self.xp.maximum(x, 0, out=x)  # in place: x is always the previous layer's own output
+        return y, y
+
+    def backward(self, d, y, w_eff, grads, need_dx):
+        loops = fused(self.xp, d, y)
+        if loops:  # one pass (numba; a CUDA kernel), the same bits
+            out = self.xp.empty_like(d)
+            loops.relu_backward(d.reshape(-1), y.reshape(-1), out.reshape(-1))
+            return out
+        return d * (y > 0)
+
+
+class BatchNorm:
+    """Batch normalization over the channels (the last axis): (x - mean) / sqrt(var + eps), then
+    with `affine` a learned scale and shift per channel, gamma * x + beta (biprop's "learned BN";
+    model.bn: affine), else none (the score methods' default, model.bn: nonaffine). Training
+    uses the batch's mean and (biased) variance and moves the running statistics by `momentum`
+    towards them (the unbiased variance, as PyTorch); measuring uses the running statistics.
+    run.h5 stores both, and gamma and beta. The Network owns gamma and beta (views of its flat
+    bn_flat, which the optimizer updates with the learned tensor) and their gradients."""
+
+    kind = "batchnorm"
+
+    def __init__(self, xp, c: int, affine: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+        self.xp, self.c, self.affine, self.momentum, self.eps = xp, c, affine, momentum, eps
+        self.mean, self.var = xp.zeros(c, np.float32), xp.ones(c, np.float32)
+        self.gamma = self.beta = self.dgamma = self.dbeta = None  # affine: set by the Network
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return shape, math.prod(shape)  # it keeps its input for the backward pass
+
+    def describe(self) -> dict:
+        return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
+
+    def forward(self, x, w_eff, train):
+        xp, axes = self.xp, tuple(range(x.ndim - 1))
+        if train:
+            mean, var = self.batch_statistics(x)
+            n, m = x.size // self.c, self.momentum
+            self.mean *= 1 - m
+            self.mean += (m * mean).astype(self.mean.dtype)
+            self.var *= 1 - m
+            self.var += (m * n / max(n - 1, 1) * var).astype(self.var.dtype)
+        else:
+            mean, var = self.mean.astype(x.dtype), self.var.astype(x.dtype)
+        inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        y = (x - mean) * inv
+        if self.affine:
+            y *= self.gamma.astype(x.dtype)
+            y += self.beta.astype(x.dtype)
+        return y, (x, mean, inv, train)
+
+    def batch_statistics(self, x):
+        """The batch's mean and biased variance per channel, in x's dtype. Each is a sum of
+        N x H x W terms (100,352 for MNIST at batch 128): float32 sums of that many lose 1e-2 of
+        the gradient (issue 20), so every one of BatchNorm's channel sums is accumulated in
+        float64. The variance is the mean square of x - mean (no cancellation of E[x^2] - E[x]^2)."""
+        axes, n = tuple(range(x.ndim - 1)), x.size // self.c
+        mean = (x.sum(axis=axes, dtype=np.float64) / n).astype(x.dtype)
+        centered = x - mean
+        centered *= centered
+        return mean, (centered.sum(axis=axes, dtype=np.float64) / n).astype(x.dtype)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        x, mean, inv, train = cache  # its input, not its output: a ReLU after it works in place on that
+        axes, n = tuple(range(d.ndim - 1)), d.size // self.c
+        xhat = (x - mean) * inv
+        channel_sum = lambda a: a.sum(axis=axes, dtype=np.float64).astype(d.dtype)  # noqa: E731 - as batch_statistics
+        if self.affine:
+            self.dgamma[...] = channel_sum(d * xhat)
+            self.dbeta[...] = channel_sum(d)
+            d = d * self.gamma.astype(d.dtype)
+        if not train:
+            return d * inv
+        return (d - channel_sum(d) / n - xhat * (channel_sum(d * xhat) / n)) * inv
+
+
+class GlobalAvgPool:
+    """The mean over each channel's positions: [N, H, W, C] -> [N, C]."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return (shape[-1],), 0
+
+    def describe(self) -> dict:
+        return {"type": "global_avg_pool"}
+
+    def forward(self, x, w_eff, train):
+        return x.mean(axis=(1, 2)), x.shape
+
+    def backward(self, d, shape, w_eff, grads, need_dx):
+        n, h, w, c = shape
+        return self.xp.broadcast_to((d / (h * w))[:, None, None, :], shape)
+
+
+class MaxPool2d:
+    """2 x 2 max pooling, stride 2 (an odd last row/column is dropped, as in PyTorch)."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        h, w, c = shape
+        return (h // 2, w // 2, c), 0
+
+    def describe(self) -> dict:
+        return {"type": "maxpool", "size": 2, "stride": 2}
+
+    @staticmethod
+    def _corners(x):
+        """The four strided views x[:, a::2, b::2] of each 2 x 2 window, in row-major order."""
+        h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+        return [x[:, a : 2 * h2 : 2, b : 2 * w2 : 2] for a in (0, 1) for b in (0, 1)]
+
+    def forward(self, x, w_eff, train):
+        c = self._corners(x)
+        y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
+        return y, (x, y)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        xp = self.xp
+        x, y = cache
+        dx = xp.zeros(x.shape, dtype=d.dtype)
+        taken = xp.zeros(y.shape, dtype=bool)
+        for corner, dcorner in zip(self._corners(x), self._corners(dx)):
+            hit = corner == y  # the gradient goes to the first maximum of each window only
+            hit &= ~taken
+            taken |= hit
+            dcorner[...] = d * hit
+        return dx
+
+
+class Flatten:
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        return (math.prod(shape),), 0
+
+    def describe(self) -> dict:
+        return {"type": "flatten"}
+
+    def forward(self, x, w_eff, train):
+        return x.reshape(len(x), -1), x.shape
+
+    def backward(self, d, shape, w_eff, grads, need_dx):
+        return d.reshape(shape)
+
+
+class ResidualBlock:
+    """He et al.'s basic block: relu(main(x) + shortcut(x)), main = conv3x3 (stride) [BN] ReLU
+    conv3x3 [BN], shortcut = x, or a projection, conv1x1 (stride) [BN], where the shape changes."""
+
+    kind = "block"
+
+    def __init__(self, xp, c_in: int, c_out: int, stride: int, bn: str):
+        self.xp = xp
+        self.main = [Conv2d(xp, c_in, c_out, 3, stride), *norm(xp, c_out, bn), ReLU(xp), Conv2d(xp, c_out, c_out, 3), *norm(xp, c_out, bn)]
+        project = stride != 1 or c_in != c_out
+        self.shortcut = [Conv2d(xp, c_in, c_out, 1, stride, pad=0), *norm(xp, c_out, bn)] if project else []
+        self.children = self.main + self.shortcut
+        self.relu = ReLU(xp)  # of the sum
+
+    def output_shape(self, shape: tuple) -> tuple[tuple, int]:
+        kept, ends = 0, []  # every inner layer's output and extras live until the backward pass
+        for path in (self.main, self.shortcut):
+            s = shape
+            for layer in path:
+                s, extra = layer.output_shape(s)
+                kept += math.prod(s) + extra
+            ends.append(s)
+        return ends[0], kept
+
+    def describe(self) -> dict:
+        return {"type": "residual", "main": [l.describe() for l in self.main],
+                "shortcut": [l.describe() for l in self.shortcut] or "identity"}
+
+    def forward(self, x, w_eff, train):
+        y, s = x, x
+        main, short = [], []
+        for layer in self.main:
+            y, c = layer.forward(y, w_eff, train)
+            main.append(c)
+        for layer in self.shortcut:
+            s, c = layer.forward(s, w_eff, train)
+            short.append(c)
+        out, _ = self.relu.forward(y + s, w_eff, train)
+        return out, (main, short, out)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        main, short, out = cache
+        d = self.relu.backward(d, out, w_eff, grads, need_dx)
+        dm, ds = d, d
+        for layer, c in zip(reversed(self.main), reversed(main)):
+            dm = layer.backward(dm, c, w_eff, grads, True)
+        for layer, c in zip(reversed(self.shortcut), reversed(short)):
+            ds = layer.backward(ds, c, w_eff, grads, True)
+        return dm + ds
+
+
+def norm(xp, c: int, bn: str) -> list:
+    """The normalization after a conv: model.bn."""
+    return [] if bn == "none" else [BatchNorm(xp, c, affine=bn == "affine")]
+
+
+def walk(layers: list):
+    """Every layer, blocks' children included, in forward order."""
+    for layer in layers:
+        yield layer
+        yield from walk(getattr(layer, "children", []))
+
+
+def weight_layers(layers: list) -> list:
+    return [l for l in walk(layers) if hasattr(l, "shape")]
+
+
+def norm_layers(layers: list) -> list:
+    return [l for l in walk(layers) if isinstance(l, BatchNorm)]
