@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as config_mod
-from . import store, train
+from . import environment, store, train
 from .backend import load_kernels, resolve
 from .errors import ConfigError, RunError, ScoretrainError
 from .progress import Reporter, summary
@@ -204,6 +204,12 @@ def _resumed(run_dir: Path, locked: bool = False):
         train.check_memory(cfg, backend, dd)
         load_kernels(backend.xp)
         run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
+        env, before = environment.describe(backend), store.environments(run)
+        changed = environment.differences(before[-1], env) if before else []
+        if changed:  # the same code and seed can give other bits on other libraries
+            say(f"note: {run_dir} resumes on other libraries than it trained on ({'; '.join(changed)}): "
+                f"epochs {run.epochs_done + 1}.. may differ in their bits from an uninterrupted run")
+        store.record_environment(run, env)
     try:
         if not (run_dir / store.CONFIG_FILE).is_file():
             store.write_config(run_dir, config_mod.dump(cfg))
@@ -435,7 +441,7 @@ def measure(run_dir: Path, device: Optional[str]) -> dict:
         "epochs": run.epochs_done, "backend": backend.name, "device": backend.device,
         "test_samples": len(dd.y_test), "test_loss": loss, "test_acc": acc,
         "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
-        "masks_match_scores": masks_ok, "config_edited": run.edited,
+        "masks_match_scores": masks_ok, "config_edited": run.edited, "environments": store.environments(run),
     }
 
 

@@ -80,6 +80,7 @@ def inspect(run_dir: Path) -> dict:
         "kept": float(sum(m.sum() for m in run.masks) / sum(m.size for m in run.masks)) if masked else None,
         "mask_change": _movement(run.metrics["mask_change"]) if masked else None,
         "config_edited": run.edited,
+        "environments": store.environments(run),
         "layers": layers,
     }
 
@@ -109,6 +110,9 @@ def header(r: dict) -> str:
     if r["kept"] is not None:
         line += (f"\nkept {_pct(r['kept'])} of the weights; the mask moved {_moved(r['mask_change'])} "
                  "(first epoch / last epoch / total of all epochs)")
+    for env in r["environments"]:  # one per session that trained it
+        libs = ", ".join(f"{k} {env[k]}" for k in ("scoretrain", "numpy", "numba", "llvmlite", "cupy", "cuda", "gpu") if env.get(k))
+        line += f"\nepochs {env['from_epoch']}..: {libs}; BLAS {env['blas']}; {env['cpu']}"
     return line
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import json
 import os
 import re
 import secrets
@@ -155,6 +156,17 @@ def base_attrs(seed: int, backend: str, device: str, mean: float, std: float, sp
         "pid": os.getpid(),
         "host": socket.gethostname(),
     }
+
+
+def environments(run: Run) -> list[dict]:
+    """What each session that trained the run ran on (environment.describe), oldest first, each
+    with `from_epoch`, the first epoch it trained; [] for a run of an older scoretrain."""
+    return json.loads(run.attrs.get("environments", "[]"))
+
+
+def record_environment(run: Run, env: dict) -> None:
+    """Add this session's record (from the run's next epoch on)."""
+    run.attrs["environments"] = json.dumps(environments(run) + [{"from_epoch": run.epochs_done + 1, **env}])
 
 
 # --- run.h5 -----------------------------------------------------------------------------------

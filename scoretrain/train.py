@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, optim, store
+from . import data, environment, optim, store
 from .backend import Backend, address_limit
 from .config import Config, dump
 from .errors import ConfigError, RunError
@@ -497,7 +497,9 @@ def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
     """A fresh run: the seed's weights (and scores), no epochs yet."""
     weights, scores = initial_tensors(cfg)
     attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std, dump(cfg))
-    return store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
+    run = store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
+    store.record_environment(run, environment.describe(backend))
+    return run
 
 
 

@@ -240,3 +240,42 @@ def test_divergence_fails_the_run_in_one_line_and_keeps_the_last_good_epoch(tmp_
         assert np.array_equal(a, b)
     result = runner.invoke(app, ["eval", str(tmp_path / "d"), "--json"])
     assert result.exit_code == 0 and '"status": "failed"' in result.stdout
+
+
+def test_a_run_records_its_libraries_and_a_resume_on_others_says_so(tmp_path, small):
+    """run.h5 names what each session trained on (numpy, numba, llvmlite, the BLAS with its kernel
+    and threads, the CPU, scoretrain and its commit); eval --json and inspect show it; a resume
+    on other libraries says so in one line, and records its own from the epoch it trains next."""
+    import json
+
+    import numba
+
+    from conftest import stopped_run
+
+    run_dir = stopped_run(tmp_path, small)
+    envs = store.environments(store.load(run_dir))
+    assert len(envs) == 1 and envs[0]["from_epoch"] == 1
+    assert envs[0]["numpy"] == np.__version__ and envs[0]["numba"] == numba.__version__
+    assert "thread" in envs[0]["blas"] and envs[0]["cpu"] and envs[0]["cupy"] is None
+    with h5py.File(run_dir / "run.h5", "r+") as f:  # as if trained on an older NumPy
+        f.attrs["environments"] = json.dumps([dict(envs[0], numpy="1.26.4")])
+    result = runner.invoke(app, ["fit", "--resume", str(run_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"numpy 1.26.4 -> {np.__version__}" in notes[0] and "epochs 2.." in notes[0]
+    envs = store.environments(store.load(run_dir))
+    assert [e["from_epoch"] for e in envs] == [1, 2] and envs[1]["numpy"] == np.__version__
+    shown = json.loads(runner.invoke(app, ["eval", str(run_dir), "--json"]).stdout)
+    assert shown["environments"] == envs
+    lines = runner.invoke(app, ["inspect", str(run_dir)]).stdout.splitlines()
+    assert sum(line.startswith("epochs 1..: scoretrain") for line in lines) == 1
+    assert any(line.startswith("epochs 2..: ") and f"numpy {np.__version__}" in line for line in lines)
+
+
+def test_a_resume_on_the_same_libraries_says_nothing(tmp_path, small):
+    from conftest import stopped_run
+
+    run_dir = stopped_run(tmp_path, small)
+    result = runner.invoke(app, ["fit", "--resume", str(run_dir), "-q"])
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    assert len(store.environments(store.load(run_dir))) == 2
