@@ -601,10 +601,10 @@ def inspect_(
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="The file to write: FILE.safetensors (safetensors), any other name a NumPy .npz.", show_default=False, metavar="FILE"),
+    to: Path = typer.Option(..., "--to", help="The file to write: FILE.npz (NumPy), FILE.safetensors, or FILE.onnx (an ONNX model; pip install 'scoretrain[onnx]').", show_default=False, metavar="FILE"),
     force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
 ) -> None:
-    """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file (docs/run-format.md)."""
+    """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file, or as an ONNX model (docs/run-format.md)."""
     from . import export as export_mod
 
     out, edited = export_mod.export(run_dir, to, force)

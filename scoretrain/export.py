@@ -1,6 +1,6 @@
 """`scoretrain export`: a run's subnetwork as plain arrays in one file, usable without scoretrain:
-a NumPy .npz, or a .safetensors file (the framework-neutral weights format that PyTorch, JAX and
-NumPy load, through the `safetensors` package).
+a NumPy .npz, a .safetensors file (the framework-neutral weights format that PyTorch, JAX and
+NumPy load, through the `safetensors` package), or an ONNX model (onnx_export.py).
 
 The file holds the effective weights exactly as the stored network computes with them (for
 edge-popup W * mask, for biprop alpha * sign(W) * mask, for supermask W * mask, for dense the
@@ -22,6 +22,7 @@ from .errors import ScoretrainError
 
 FORMAT = "scoretrain-subnetwork"
 FORMAT_VERSION = 1
+SUFFIXES = (".npz", ".safetensors", ".onnx")
 
 
 def architecture(net) -> list[dict]:
@@ -35,6 +36,9 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
     store.edited's note on its config.yaml."""
     run_dir = Path(run_dir)
     run, cfg = store.open_run(run_dir)
+    if store.live_status(run) == "running":  # its file changes under the export at every epoch
+        raise ScoretrainError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); export it once it has "
+                              "stopped, or export a copy of its folder")
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
     net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
     w_eff = net.effective_weights(train=False)  # dense: the weights; else masks from the scores
@@ -70,18 +74,27 @@ def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
 
 def export(run_dir: Path, dest: Path, force: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
     """Write the file atomically (a temporary file renamed over `dest`): a reader never sees half
-    a file. FILE.safetensors is a safetensors file, any other name an .npz. An existing `dest` is
+    a file. The suffix picks the format: .npz, .safetensors or .onnx. An existing `dest` is
     refused unless `force`."""
     dest = Path(dest)
     if dest.is_dir():
         raise ScoretrainError(f"{dest}: is a folder; --to takes a file name, e.g. {dest / 'subnet.npz'}")
+    if dest.suffix not in SUFFIXES:
+        raise ScoretrainError(f"{dest}: unknown format {dest.suffix or '(no suffix)'}; name the file FILE.npz, FILE.safetensors or FILE.onnx")
     if dest.exists() and not force:
         raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
     if not dest.parent.is_dir():
         raise ScoretrainError(f"{dest.parent}: no such folder")
     out, edited = arrays(run_dir)
+    if dest.suffix == ".onnx":
+        from . import onnx_export
+
+        model = onnx_export.model_bytes(out)  # before anything is written: a missing package is one line
 
     def write(tmp: Path) -> None:
+        if dest.suffix == ".onnx":
+            tmp.write_bytes(model)
+            return
         if dest.suffix == ".safetensors":
             from safetensors.numpy import save
 
