@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as config_mod
-from . import environment, store, train
+from . import api, environment, store, train
 from .backend import load_kernels, resolve
 from .errors import ConfigError, RunError, ScoretrainError
 from .progress import Reporter, summary
@@ -112,31 +112,8 @@ def fit(
         if config is None:
             raise ConfigError("fit needs a config file (e.g. configs/mnist_fc.yaml) or --resume RUN_DIR")
         cfg = config_mod.load(config, overrides or [])
-        if name is not None:
-            store.check_name(name)
-        # Everything that can fail before training runs before the run folder exists, so that a
-        # run that never started leaves nothing behind.
-        backend, dd, run = _fresh(cfg)
-        stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
-        run_dir = store.create_run_dir(runs_dir, name, stem)
-        store.claim(run_dir)  # a --resume of it is refused while this process trains it
-        _start(cfg, run_dir, run)
+        run_dir, backend, dd, run = api.start(cfg, runs_dir, name)  # as scoretrain.fit starts one
     _train(cfg, run_dir, backend, run, dd, quiet)
-
-
-def _start(cfg: config_mod.Config, run_dir: Path, run: store.Run) -> None:
-    """Write a claimed, empty run folder's config.yaml and first checkpoint; on failure nothing
-    is kept (the folder is removed again) and the claim is released."""
-    try:
-        store.write_config(run_dir, config_mod.dump(cfg))
-        store.save(run_dir, run)
-    except BaseException as e:
-        store.remove_unstarted(run_dir)
-        store.release(run_dir)
-        if isinstance(e, OSError):
-            raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
-                           "nothing was kept (free some space, or choose another --runs-dir)") from None
-        raise
 
 
 def _train(cfg: config_mod.Config, run_dir: Path, backend, run: store.Run, dd, quiet: bool) -> None:
@@ -171,15 +148,6 @@ def _train(cfg: config_mod.Config, run_dir: Path, backend, run: store.Run, dd, q
         say(f"stdout was closed; the run trained on to the end: {run_dir} is {run.attrs['status']} after {run.epochs_done} epochs")
 
 
-def _fresh(cfg: config_mod.Config):
-    """(backend, data, run) for a run from its start: everything that can fail before training."""
-    backend = resolve(cfg.device)
-    dd = train.load_data(cfg, backend)
-    train.check_memory(cfg, backend, dd)
-    load_kernels(backend.xp)
-    return backend, dd, train.new_run(cfg, backend, dd)
-
-
 def _resumed(run_dir: Path, locked: bool = False):
     """(cfg, backend, data, run) to go on with an interrupted run. The spec is the one run.h5
     records; config.yaml may change the train keys and the device (e.g. more epochs), but not
@@ -187,7 +155,7 @@ def _resumed(run_dir: Path, locked: bool = False):
     store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
     if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
         cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-        backend, dd, run = _fresh(cfg)
+        backend, dd, run = api.prepare(cfg)
     else:
         run, recorded = store.open_run(run_dir, with_optimizer=True)
         cfg = recorded
@@ -407,8 +375,8 @@ def sweep_worker(
         if what == "resume":
             cfg, backend, dd, run = _resumed(run_dir, locked=True)
         else:
-            backend, dd, run = _fresh(cfg)
-            _start(cfg, run_dir, run)
+            backend, dd, run = api.prepare(cfg)
+            api.begin(cfg, run_dir, run)
     except BaseException:
         store.release(run_dir)
         raise
@@ -420,29 +388,6 @@ def warn_edited(run_dir: Path, note: str | None) -> None:
     store.edited): the readers answer from run.h5."""
     if note:
         say(f"warning: {Path(run_dir) / store.CONFIG_FILE} was edited ({note}); showing the run as run.h5 records it")
-
-
-def measure(run_dir: Path, device: Optional[str]) -> dict:
-    """Re-measure a stored run on its test split with its stored masks."""
-    run, cfg = store.open_run(run_dir)
-    backend = resolve(device or cfg.device)
-    dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-    net = train.network(cfg, backend, run.weights, run.scores, run.norms)
-    train.enter_epoch(net, cfg, max(run.epochs_done - 1, 0))  # the last epoch's k and (supermask) measuring sample
-    w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
-    masks_ok = None
-    if run.masks is not None:
-        masks_ok = all(bool((backend.to_host(m) == s).all()) for m, s in zip(net.masks, run.masks))
-        w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself
-    loss, acc = train.evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
-    recorded = run.metrics["test_acc"][-1] if run.metrics["test_acc"] else None
-    return {
-        "run": str(run_dir), "status": store.live_status(run), "method": cfg.model.method,
-        "epochs": run.epochs_done, "backend": backend.name, "device": backend.device,
-        "test_samples": len(dd.y_test), "test_loss": loss, "test_acc": acc,
-        "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
-        "masks_match_scores": masks_ok, "config_edited": run.edited, "environments": store.environments(run),
-    }
 
 
 @app.command()
@@ -496,7 +441,7 @@ def eval_(
     """Reload a run and re-measure its stored network on the test split."""
     if device is not None:
         config_mod.validate(config_mod.Config(device=device))
-    result = measure(run_dir, device)
+    result = api.measure(run_dir, device)
     warn_edited(run_dir, result["config_edited"])
     if as_json:
         emit(json.dumps(result) + "\n")

@@ -1,0 +1,196 @@
+"""The Python API, for notebooks and scripts: `scoretrain.fit` trains a run as `scoretrain fit` does
+(the command is built on it) and `scoretrain.open_run` reads one as `eval`, `inspect` and
+`export` do, with everything as NumPy arrays.
+
+    import scoretrain
+    run = scoretrain.fit("configs/mnist_fc.yaml", model__k=0.3, train__epochs=5, name="k03")
+    run.metrics["test_acc"]            # one value per epoch
+    run.layers[0].mask.mean()          # the kept fraction of the first layer
+    w_eff = run.subnetwork()           # the effective weights the stored network computes with
+    run.evaluate()["test_acc"]         # re-measured on the test split
+
+Errors a user can cause are scoretrain.errors.ScoretrainError (ConfigError for a bad spec), with
+the one-line message the command prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import config as config_mod
+from . import store, train
+from .backend import Backend, load_kernels, resolve
+from .errors import RunError
+
+
+def _override(key: str, value) -> str:
+    """model__k=0.3 (or {"model.k": 0.3}) as the command line's `model.k=0.3`."""
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+    return f"{key.replace('__', '.')}={text}"
+
+
+def prepare(cfg: config_mod.Config):
+    """(backend, data, run) for a run from its start: everything that can fail before training
+    runs before the run folder exists, so a run that never started leaves nothing behind."""
+    backend = resolve(cfg.device)
+    dd = train.load_data(cfg, backend)
+    train.check_memory(cfg, backend, dd)
+    load_kernels(backend.xp)
+    return backend, dd, train.new_run(cfg, backend, dd)
+
+
+def start(cfg: config_mod.Config, runs_dir: Path, name: str | None):
+    """A new run folder, claimed (locked) for this process, with its config.yaml and first
+    checkpoint: (run_dir, backend, data, run). On failure nothing is kept."""
+    if name is not None:
+        store.check_name(name)
+    backend, dd, run = prepare(cfg)
+    stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
+    run_dir = store.create_run_dir(Path(runs_dir), name, stem)
+    store.claim(run_dir)  # a --resume of it is refused while this process trains it
+    begin(cfg, run_dir, run)
+    return run_dir, backend, dd, run
+
+
+def begin(cfg: config_mod.Config, run_dir: Path, run: store.Run) -> None:
+    """Write a claimed, empty run folder's config.yaml and first checkpoint; on failure nothing
+    is kept (the folder is removed again) and the claim is released."""
+    try:
+        store.write_config(run_dir, config_mod.dump(cfg))
+        store.save(run_dir, run)
+    except BaseException as e:
+        store.remove_unstarted(run_dir)
+        store.release(run_dir)
+        if isinstance(e, OSError):
+            raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
+                                 "nothing was kept (free some space, or choose another --runs-dir)") from None
+        raise
+
+
+def fit(config: str | Path, overrides: list[str] = (), *, runs_dir: str | Path = "runs", name: str | None = None,
+        quiet: bool = True, **keys) -> RunRecord:
+    """Train the spec in `config` (a YAML file) with `overrides` ("model.k=0.3", as on the command
+    line) and `keys` (model__k=0.3: a double underscore for each dot), into runs_dir/name (a
+    generated name by default). Returns the finished run. A stopped or failed run raises, as
+    `scoretrain fit` exits: its folder keeps its last finished epoch."""
+    from rich.console import Console
+
+    from .progress import Reporter
+
+    cfg = config_mod.load(Path(config), [*overrides, *(_override(k, v) for k, v in keys.items())])
+    run_dir, backend, dd, run = start(cfg, runs_dir, name)
+    reporter = Reporter(Console(file=sys.stdout), quiet)
+    try:
+        train.fit(cfg, run_dir, backend, run, dd, reporter)
+    finally:
+        reporter.close()
+        store.release(run_dir)
+    return open_run(run_dir)
+
+
+def measure(run_dir: Path, device: str | None = None) -> dict:
+    """Re-measure a stored run on its test split with its stored masks."""
+    run, cfg = store.open_run(run_dir)
+    backend = resolve(device or cfg.device)
+    dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+    net = train.network(cfg, backend, run.weights, run.scores, run.norms)
+    train.enter_epoch(net, cfg, max(run.epochs_done - 1, 0))  # the last epoch's k and (supermask) measuring sample
+    w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
+    masks_ok = None
+    if run.masks is not None:
+        masks_ok = all(bool((backend.to_host(m) == s).all()) for m, s in zip(net.masks, run.masks))
+        w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself
+    loss, acc = train.evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
+    recorded = run.metrics["test_acc"][-1] if run.metrics["test_acc"] else None
+    return {
+        "run": str(run_dir), "status": store.live_status(run), "method": cfg.model.method,
+        "epochs": run.epochs_done, "backend": backend.name, "device": backend.device,
+        "test_samples": len(dd.y_test), "test_loss": loss, "test_acc": acc,
+        "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
+        "masks_match_scores": masks_ok, "config_edited": run.edited, "environments": store.environments(run),
+    }
+
+
+@dataclass
+class Layer:
+    """One weight layer of a stored run: its frozen weights, and for the score methods its scores
+    and the mask of the last finished epoch (None before the first)."""
+
+    kind: str  # "linear" or "conv"
+    weight: np.ndarray
+    scores: np.ndarray | None
+    mask: np.ndarray | None
+
+
+class RunRecord:
+    """A run directory as arrays: what `scoretrain fit` wrote, read once."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir)
+        self._run, self.spec = store.open_run(self.path)
+
+    @property
+    def status(self) -> str:
+        """completed, running, interrupted or failed (a dead writer's `running` is interrupted)."""
+        return store.live_status(self._run)
+
+    @property
+    def epochs_done(self) -> int:
+        return self._run.epochs_done
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-epoch arrays: epoch, lr, train_loss, train_acc, test_loss, test_acc, val_loss, val_acc,
+        mask_change, epoch_seconds."""
+        return {k: np.asarray(v) for k, v in self._run.metrics.items()}
+
+    @property
+    def layers(self) -> list[Layer]:
+        r = self._run
+        return [Layer("conv" if w.ndim == 4 else "linear", w, None if r.scores is None else r.scores[i],
+                      None if r.masks is None else r.masks[i]) for i, w in enumerate(r.weights)]
+
+    @property
+    def batchnorm(self) -> list[np.ndarray]:
+        """Each BatchNorm's state: [mean, var] ([2, C]), affine ones [mean, var, gamma, beta]."""
+        return list(self._run.norms or [])
+
+    @property
+    def environments(self) -> list[dict]:
+        """What each session that trained the run ran on (environment.describe)."""
+        return store.environments(self._run)
+
+    def network(self, device: str = "cpu"):
+        """The stored network (model.Network) on `device`."""
+        return train.network(self.spec, Backend(np, "cpu") if device == "cpu" else resolve(device),
+                             self._run.weights, self._run.scores, self._run.norms)
+
+    def subnetwork(self) -> list[np.ndarray]:
+        """The effective weights the stored network computes with, per weight layer (edge-popup:
+        W * mask; biprop: alpha * sign(W) * mask; dense: W), as `export` writes them."""
+        net = self.network()
+        w_eff = net.effective_weights(train=False)
+        if self._run.masks is not None:
+            w_eff = net.subnetwork(self._run.masks)
+        return [np.array(w) for w in w_eff]
+
+    def evaluate(self, device: str | None = None) -> dict:
+        """`scoretrain eval`'s figures: the stored subnetwork re-measured on the test split."""
+        return measure(self.path, device)
+
+    def __repr__(self) -> str:
+        m = self.spec.model
+        acc = self._run.metrics["test_acc"]
+        return (f"RunRecord({str(self.path)!r}: {m.method} {m.arch}, {self.status}, {self.epochs_done} epochs"
+                f"{f', test acc {100 * acc[-1]:.2f}%' if acc else ''})")
+
+
+def open_run(run_dir: str | Path) -> RunRecord:
+    """A run directory, read: its spec, metrics, layers (weights, scores, masks), BatchNorm state.
+    RunError if it is not a readable scoretrain run."""
+    return RunRecord(run_dir)
