@@ -49,6 +49,8 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": cfg.data.name,
             "method": cfg.model.method, "arch": cfg.model.arch, "k": cfg.model.k if cfg.model.method in K_METHODS else None,
             "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
+            "test_acc_on": (f"the first {cfg.data.test_samples} images of the {cfg.data.name} test split" if cfg.data.test_samples
+                            else f"the whole {cfg.data.name} test split"),
             "scoretrain_version": run.attrs.get("scoretrain_version")}
     out = {f"weight_{i:02d}": np.array(we, dtype=np.float32) for i, we in enumerate(w_eff)}  # copies of the views
     out.update({f"batchnorm_{i:02d}": np.array(s, dtype=np.float32) for i, s in enumerate(net.norm_state())})  # [mean, var]

@@ -139,6 +139,7 @@ def test_the_npz_holds_the_effective_weights_and_the_architecture(trained, tmp_p
     info = json.loads(str(z["info"]))
     assert info["format"] == "scoretrain-subnetwork" and info["epochs_done"] == run.epochs_done
     assert info["test_acc"] == run.metrics["test_acc"][-1]
+    assert info["test_acc_on"] == "the first 500 images of the mnist test split"  # SMALL's data.test_samples
     weights = [z[layer["weight"]] for layer in weight_layers]
     if name == "dense":
         for we, w in zip(weights, run.weights):
