@@ -94,7 +94,9 @@ def fit(config: str | Path, overrides: list[str] = (), *, runs_dir: str | Path =
 
 
 def measure(run_dir: Path, device: str | None = None) -> dict:
-    """Re-measure a stored run on its test split with its stored masks."""
+    """Re-measure a stored run (or a ticket, FILE.ticket) on its test split with its stored masks."""
+    if Path(run_dir).suffix == ".ticket" and Path(run_dir).is_file():
+        return measure_ticket(Path(run_dir), device)
     run, cfg = store.open_run(run_dir)
     backend = resolve(device or cfg.device)
     dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
@@ -114,6 +116,23 @@ def measure(run_dir: Path, device: str | None = None) -> dict:
         "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
         "masks_match_scores": masks_ok, "config_edited": run.edited, "environments": store.environments(run),
     }
+
+
+def measure_ticket(path: Path, device: str | None = None) -> dict:
+    """A ticket's subnetwork (its weights regenerated from its seed) on its test split."""
+    from . import ticket
+
+    t = ticket.read(path)
+    cfg = t.spec
+    backend = resolve(device or "cpu")
+    dd = train.load_data(cfg, backend, t.input_mean, t.input_std)
+    net = train.network(cfg, backend, t.weights, t.scores, t.norms)
+    loss, acc = train.evaluate(net, net.subnetwork(t.masks), dd.x_test, dd.y_test, cfg.train.eval_batch_size)
+    recorded = t.info.get("test_acc")
+    return {"run": str(path), "status": "ticket", "method": cfg.model.method, "epochs": t.info.get("epochs_done"),
+            "backend": backend.name, "device": backend.device, "test_samples": len(dd.y_test), "test_loss": loss,
+            "test_acc": acc, "recorded_test_acc": recorded, "matches_record": None if recorded is None else acc == recorded,
+            "masks_match_scores": None, "config_edited": None, "environments": []}
 
 
 @dataclass
@@ -188,6 +207,15 @@ class RunRecord:
         acc = self._run.metrics["test_acc"]
         return (f"RunRecord({str(self.path)!r}: {m.method} {m.arch}, {self.status}, {self.epochs_done} epochs"
                 f"{f', test acc {100 * acc[-1]:.2f}%' if acc else ''})")
+
+
+def open_ticket(path: str | Path):
+    """A ticket (export --to FILE.ticket), its frozen weights regenerated from its seed and checked
+    against its digest: ticket.Ticket (.spec, .weights, .masks, .norms, .info). measure(path)
+    evaluates it."""
+    from . import ticket
+
+    return ticket.read(Path(path))
 
 
 def open_run(run_dir: str | Path) -> RunRecord:

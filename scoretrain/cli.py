@@ -434,11 +434,11 @@ def writable_file(path: Path, option: str) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
+    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`, or a FILE.ticket (export --to).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, gpu or gpu:N (default: the run's)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, gpu or gpu:N (default: the run's; a ticket's: cpu)."),
 ) -> None:
-    """Reload a run and re-measure its stored network on the test split."""
+    """Reload a run (or a ticket, its weights regenerated from its seed) and re-measure its stored network on the test split."""
     if device is not None:
         config_mod.validate(config_mod.Config(device=device))
     result = api.measure(run_dir, device)
@@ -546,7 +546,7 @@ def inspect_(
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="The file to write: FILE.npz (NumPy), FILE.safetensors, or FILE.onnx (an ONNX model; pip install 'scoretrain[onnx]').", show_default=False, metavar="FILE"),
+    to: Path = typer.Option(..., "--to", help="The file to write: FILE.npz (NumPy), FILE.safetensors, FILE.onnx (an ONNX model; pip install 'scoretrain[onnx]'), or FILE.ticket (kilobytes: the seed, 1-bit masks, BatchNorm state; `eval FILE.ticket` regenerates the weights).", show_default=False, metavar="FILE"),
     force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
 ) -> None:
     """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file, or as an ONNX model (docs/run-format.md)."""

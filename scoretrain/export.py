@@ -22,7 +22,7 @@ from .errors import ScoretrainError
 
 FORMAT = "scoretrain-subnetwork"
 FORMAT_VERSION = 1
-SUFFIXES = (".npz", ".safetensors", ".onnx")
+SUFFIXES = (".npz", ".safetensors", ".onnx", ".ticket")
 
 
 def architecture(net) -> list[dict]:
@@ -82,20 +82,25 @@ def export(run_dir: Path, dest: Path, force: bool = False) -> tuple[dict[str, np
     if dest.is_dir():
         raise ScoretrainError(f"{dest}: is a folder; --to takes a file name, e.g. {dest / 'subnet.npz'}")
     if dest.suffix not in SUFFIXES:
-        raise ScoretrainError(f"{dest}: unknown format {dest.suffix or '(no suffix)'}; name the file FILE.npz, FILE.safetensors or FILE.onnx")
+        raise ScoretrainError(f"{dest}: unknown format {dest.suffix or '(no suffix)'}; name the file FILE.npz, FILE.safetensors, FILE.onnx or FILE.ticket")
     if dest.exists() and not force:
         raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
     if not dest.parent.is_dir():
         raise ScoretrainError(f"{dest.parent}: no such folder")
     out, edited = arrays(run_dir)
+    encoded = None  # the whole file, made before anything is written (a missing package, a run with no ticket: one line)
     if dest.suffix == ".onnx":
         from . import onnx_export
 
-        model = onnx_export.model_bytes(out)  # before anything is written: a missing package is one line
+        encoded = onnx_export.model_bytes(out)
+    elif dest.suffix == ".ticket":
+        from . import ticket
+
+        encoded = ticket.to_bytes(run_dir)
 
     def write(tmp: Path) -> None:
-        if dest.suffix == ".onnx":
-            tmp.write_bytes(model)
+        if encoded is not None:
+            tmp.write_bytes(encoded)
             return
         if dest.suffix == ".safetensors":
             from safetensors.numpy import save

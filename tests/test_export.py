@@ -259,3 +259,63 @@ def test_an_unknown_suffix_or_a_run_still_training_is_one_line_and_writes_nothin
     result = export(live, tmp_path / "net.npz")
     assert result.exit_code == 1 and "is still training" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
+
+
+# --- the ticket: seed + 1-bit masks, the weights regenerated --------------------------------------
+
+TICKETS = {  # the shipped networks at full size, a short training on a slice of MNIST
+    "mnist_fc": [FC, "data.train_samples=1000", "data.test_samples=500", "train.epochs=1"],
+    "resnet20": [str(ROOT / "configs/mnist_resnet20.yaml"), "data.train_samples=256", "data.test_samples=300", "train.epochs=1",
+                 "train.bn_recalibration=256"],
+}
+
+
+@pytest.mark.parametrize("name, limit", [("mnist_fc", 40_000), ("resnet20", 15_000)])
+def test_a_ticket_is_kilobytes_and_eval_regenerates_the_subnetwork_exactly(tmp_path, name, limit):
+    import scoretrain
+
+    result = runner.invoke(app, ["fit", *TICKETS[name], "--runs-dir", str(tmp_path), "--name", "r", "-q"])
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "r.ticket"
+    assert export(tmp_path / "r", dest).exit_code == 0
+    size = dest.stat().st_size
+    assert size <= limit, f"{size} bytes"
+    run = store.load(tmp_path / "r")
+    n_weights = sum(w.size for w in run.weights)
+    assert size >= n_weights / 8  # a bit per weight: the masks are really there
+    ticket_eval = json.loads(runner.invoke(app, ["eval", str(dest), "--json"]).stdout)
+    run_eval = json.loads(runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"]).stdout)
+    assert ticket_eval["matches_record"] and ticket_eval["test_acc"] == run_eval["test_acc"] == run.metrics["test_acc"][-1]
+    t = scoretrain.open_ticket(dest)  # the Python API: the same regenerated network
+    for w, m, w0, m0 in zip(t.weights, t.masks, run.weights, run.masks, strict=True):
+        np.testing.assert_array_equal(w, w0)
+        np.testing.assert_array_equal(m, m0)
+    for s, s0 in zip(t.norms, run.norms or [], strict=True):
+        np.testing.assert_array_equal(s, s0)
+
+
+def test_an_edited_or_damaged_ticket_or_a_run_without_one_is_one_line(trained, tmp_path):
+    dest = tmp_path / "t.ticket"
+    assert export(trained("mlp"), dest).exit_code == 0
+    raw = dest.read_bytes()
+    n = int.from_bytes(raw[20:24], "little")
+    header = json.loads(raw[24 : 24 + n])
+
+    def with_header(h):
+        text = json.dumps(h, separators=(",", ":")).encode()
+        return raw[:20] + len(text).to_bytes(4, "little") + text + raw[24 + n :]
+
+    cases = {
+        "seed.ticket": (with_header(dict(header, seed=7, spec=header["spec"].replace("seed: 0", "seed: 7"))), "its weights cannot be regenerated"),
+        "header.ticket": (with_header(dict(header, seed=7)), "an edited ticket"),
+        "short.ticket": (raw[:-5], "not a readable scoretrain ticket"),
+        "junk.ticket": (b"PK\x03\x04 not a ticket", "not a readable scoretrain ticket"),
+    }
+    for file, (content, message) in cases.items():
+        (tmp_path / file).write_bytes(content)
+        result = runner.invoke(app, ["eval", str(tmp_path / file)])
+        assert result.exit_code == 1 and message in result.stderr, (file, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = export(trained("dense"), tmp_path / "dense.ticket")
+    assert result.exit_code == 1 and "no ticket: the run learns its weights (dense)" in result.stderr
+    assert not (tmp_path / "dense.ticket").exists()
