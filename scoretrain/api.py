@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from . import config as config_mod
-from . import store, train
+from . import store, tensorboard, train
 from .backend import Backend, load_kernels, resolve
 from .errors import RunError
 
@@ -37,6 +37,8 @@ def _override(key: str, value) -> str:
 def prepare(cfg: config_mod.Config):
     """(backend, data, run) for a run from its start: everything that can fail before training
     runs before the run folder exists, so a run that never started leaves nothing behind."""
+    if cfg.train.tensorboard:
+        tensorboard.writer_class()  # missing: one line now, not a failed run
     backend = resolve(cfg.device)
     dd = train.load_data(cfg, backend)
     train.check_memory(cfg, backend, dd)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as config_mod
-from . import api, environment, store, train
+from . import api, environment, store, tensorboard, train
 from .backend import load_kernels, resolve
 from .errors import ConfigError, RunError, ScoretrainError
 from .progress import Reporter, summary
@@ -171,6 +171,8 @@ def _resumed(run_dir: Path, locked: bool = False):
         dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
         train.check_memory(cfg, backend, dd)
         load_kernels(backend.xp)
+        if cfg.train.tensorboard:
+            tensorboard.writer_class()  # missing: one line before anything changes
         run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
         env, before = environment.describe(backend), store.environments(run)
         changed = environment.differences(before[-1], env) if before else []

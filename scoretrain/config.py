@@ -81,6 +81,7 @@ class TrainConfig:
     gamma: float = 0.1  # step schedule: decay factor
     eval_batch_size: int = 1000
     cuda_graph: bool = True  # on a GPU, replay the training step as CUDA graphs where the method and optimizer allow
+    tensorboard: bool = False  # each epoch's scalars as TensorBoard events in RUN_DIR/tensorboard (tensorboardX)
     bn_recalibration: int = 0  # training images that BatchNorm's running statistics are recomputed from before each measurement (0: the moving averages)
 
 

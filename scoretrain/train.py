@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, environment, optim, store
+from . import data, environment, optim, store, tensorboard
 from .backend import Backend, address_limit
 from .config import Config, dump
 from .errors import ConfigError, RunError
@@ -335,8 +335,13 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
             net, opt = _network_and_optimizer(cfg, backend, run)
             reporter.start(run_dir, cfg, backend, run.epochs_done)
             step = stepper(cfg, backend, net, opt)
-            with step.stream:
-                _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop, step)
+            log = tensorboard.EpochLog(run_dir) if cfg.train.tensorboard else None
+            try:
+                with step.stream:
+                    _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop, step, log)
+            finally:
+                if log:
+                    log.close()
         except CheckpointError:
             raise  # nothing more can be written; run.h5 keeps the last complete checkpoint
         except BaseException as e:  # keep the last finished epoch, and say why the run stopped
@@ -413,7 +418,7 @@ def enter_epoch(net: Network, cfg: Config, epoch: int) -> float:
     return k
 
 
-def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop, step) -> None:
+def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, reporter, net, opt, stop, step, log=None) -> None:
     xp, t, d = backend.xp, cfg.train, cfg.data
     n = len(dd.y_train)
     n_batches = math.ceil(n / t.batch_size)
@@ -429,7 +434,8 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it.
         perm = backend.asarray(np.random.default_rng([cfg.seed, epoch]).permutation(n))
         aug_rng = np.random.default_rng([cfg.seed, epoch, 2])
-        step.set_k(enter_epoch(net, cfg, epoch))  # (CUDA graphs are captured with it)
+        k = enter_epoch(net, cfg, epoch)
+        step.set_k(k)  # (CUDA graphs are captured with it)
         loss_sum, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
         reporter.epoch_start(epoch + 1, t.epochs, lr, n_batches)
         t0 = time.perf_counter()
@@ -480,6 +486,8 @@ def _epochs(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceDa
         if run.epochs_done == t.epochs:
             run.attrs["status"] = "completed"
         checkpoint(run_dir, run)
+        if log:  # what is logged is what run.h5 holds
+            log.epoch(row, k, run.mask_change_layers[-1] if net.scores is not None else None)
         reporter.epoch_end(row)
 
 
