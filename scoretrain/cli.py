@@ -550,11 +550,13 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
     to: Path = typer.Option(..., "--to", help="The file to write: FILE.npz (NumPy), FILE.safetensors, FILE.onnx (an ONNX model; pip install 'scoretrain[onnx]'), or FILE.ticket (kilobytes: the seed, 1-bit masks, BatchNorm state; `eval FILE.ticket` regenerates the weights).", show_default=False, metavar="FILE"),
     force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
+    layout: str = typer.Option("scoretrain", "--layout", help="scoretrain (weight_NN, channels last), or torch-prune (a .safetensors "
+                               "in torch.nn.utils.prune's names and layouts: <layer>.weight_orig, <layer>.weight_mask, BatchNorm's running stats)."),
 ) -> None:
     """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file, or as an ONNX model (docs/run-format.md)."""
     from . import export as export_mod
 
-    out, edited = export_mod.export(run_dir, to, force)
+    out, edited = export_mod.export(run_dir, to, force, layout)
     warn_edited(run_dir, edited)
     n = sum(int((a != 0).sum()) for key, a in out.items() if key.startswith("weight_"))
     console.print(f"{to}: {sum(k.startswith('weight_') for k in out)} weight layers, {n:,} nonzero weights", soft_wrap=True, markup=False)

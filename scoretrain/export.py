@@ -23,6 +23,7 @@ from .errors import ScoretrainError
 FORMAT = "scoretrain-subnetwork"
 FORMAT_VERSION = 1
 SUFFIXES = (".npz", ".safetensors", ".onnx", ".ticket")
+LAYOUTS = ("scoretrain", "torch-prune")  # the tensors' names and layouts: scoretrain's, or torch.nn.utils.prune's
 
 
 def architecture(net) -> list[dict]:
@@ -65,6 +66,67 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
     return out, run.edited
 
 
+def torch_prune_tensors(run_dir: Path, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The subnetwork in PyTorch's pruning convention (torch.nn.utils.prune), for the module tree
+    docs/run-format.md builds from `architecture` (an nn.Sequential, a residual block's `main` and
+    `shortcut` inside it): per conv or linear `<name>.weight_orig` and `<name>.weight_mask` (float
+    0/1; their product is the effective weight; weight_orig holds the frozen W where the mask
+    prunes), per BatchNorm `running_mean`, `running_var`, `num_batches_tracked` (and affine
+    `weight`, `bias`), in PyTorch's layouts: conv weights [out, in, kh, kw], and a linear layer
+    after a flatten taking its inputs in channels-first order, as nn.Flatten gives them."""
+    run, _ = store.open_run(Path(run_dir))
+    tensors = {}
+
+    def weight(name: str, spec: dict, flat_from):
+        i = int(spec["weight"].split("_")[1])
+        w_eff = out[spec["weight"]]
+        mask = run.masks[i] if run.masks is not None else np.ones(w_eff.shape, bool)
+        orig = np.where(mask, w_eff, run.weights[i]).astype(np.float32)
+        mask = mask.astype(np.float32)
+        if spec["type"] == "conv":
+            orig, mask = orig.transpose(0, 3, 1, 2), mask.transpose(0, 3, 1, 2)
+        elif flat_from is not None:  # inputs (h, w, c) -> nn.Flatten's (c, h, w) order
+            h, w, c = flat_from
+            order = np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
+            orig, mask = orig[:, order], mask[:, order]
+        tensors[f"{name}.weight_orig"], tensors[f"{name}.weight_mask"] = np.ascontiguousarray(orig), np.ascontiguousarray(mask)
+
+    def walk(layers: list, prefix: str, shape: tuple) -> tuple:
+        h, w, c = shape
+        flat_from = None
+        for j, spec in enumerate(layers):
+            name, kind = f"{prefix}{j}", spec["type"]
+            if kind in ("conv", "linear"):
+                weight(name, spec, flat_from)
+                flat_from = None
+                if kind == "conv":
+                    o, k = spec["shape"][0], spec["shape"][1]
+                    p = k // 2 if spec["padding"] == "same" else int(spec["padding"])
+                    h, w, c = (h + 2 * p - k) // spec["stride"] + 1, (w + 2 * p - k) // spec["stride"] + 1, o
+            elif kind == "batchnorm":
+                state = out[spec["state"]]
+                tensors[f"{name}.running_mean"], tensors[f"{name}.running_var"] = state[0].copy(), state[1].copy()
+                tensors[f"{name}.num_batches_tracked"] = np.array(0, np.int64)
+                if spec["affine"]:
+                    tensors[f"{name}.weight"], tensors[f"{name}.bias"] = state[2].copy(), state[3].copy()
+            elif kind == "maxpool":
+                h, w = h // 2, w // 2
+            elif kind == "flatten":
+                flat_from = (h, w, c)
+            elif kind == "global_avg_pool":
+                h = w = 1
+            elif kind == "residual":
+                end = walk(spec["main"], f"{name}.main.", (h, w, c))
+                if spec["shortcut"] != "identity":
+                    walk(spec["shortcut"], f"{name}.shortcut.", (h, w, c))
+                h, w, c = end
+        return h, w, c
+
+    walk(json.loads(str(out["architecture"])), "", tuple(int(v) for v in out["image_shape"]))
+    tensors["input_mean"], tensors["input_std"] = out["input_mean"], out["input_std"]
+    return tensors
+
+
 def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The .npz's arrays as safetensors tensors, and its strings and shapes as the file's
     metadata (which holds strings only)."""
@@ -74,13 +136,17 @@ def safetensors_parts(out: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     return tensors, meta
 
 
-def export(run_dir: Path, dest: Path, force: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
+def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoretrain") -> tuple[dict[str, np.ndarray], str | None]:
     """Write the file atomically (a temporary file renamed over `dest`): a reader never sees half
     a file. The suffix picks the format: .npz, .safetensors or .onnx. An existing `dest` is
     refused unless `force`."""
     dest = Path(dest)
     if dest.is_dir():
         raise ScoretrainError(f"{dest}: is a folder; --to takes a file name, e.g. {dest / 'subnet.npz'}")
+    if layout not in LAYOUTS:
+        raise ScoretrainError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "torch-prune" and dest.suffix != ".safetensors":
+        raise ScoretrainError(f"{dest}: --layout torch-prune writes a .safetensors file (safetensors.torch.load_file); name it FILE.safetensors")
     if dest.suffix not in SUFFIXES:
         raise ScoretrainError(f"{dest}: unknown format {dest.suffix or '(no suffix)'}; name the file FILE.npz, FILE.safetensors, FILE.onnx or FILE.ticket")
     if dest.exists() and not force:
@@ -106,6 +172,8 @@ def export(run_dir: Path, dest: Path, force: bool = False) -> tuple[dict[str, np
             from safetensors.numpy import save
 
             tensors, metadata = safetensors_parts(out)
+            if layout == "torch-prune":
+                tensors = torch_prune_tensors(run_dir, out)
             tmp.write_bytes(save(tensors, metadata=metadata))  # written here: a full disk is an OSError
             return
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path

@@ -319,3 +319,59 @@ def test_an_edited_or_damaged_ticket_or_a_run_without_one_is_one_line(trained, t
     result = export(trained("dense"), tmp_path / "dense.ticket")
     assert result.exit_code == 1 and "no ticket: the run learns its weights (dense)" in result.stderr
     assert not (tmp_path / "dense.ticket").exists()
+
+
+# --- PyTorch's pruning convention ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20-affine", "biprop"])
+def test_the_torch_prune_layout_names_every_tensor_and_multiplies_to_the_effective_weights(trained, tmp_path, name):
+    """Without torch: the names, the layouts, and weight_orig * weight_mask = the .npz's weights
+    (a conv's transposed to [out, in, kh, kw]; the linear after a flatten, its columns in
+    channels-first order)."""
+    from safetensors.numpy import load_file
+
+    run_dir = trained(name)
+    assert export(run_dir, tmp_path / "t.safetensors", "--layout", "torch-prune").exit_code == 0
+    assert export(run_dir, tmp_path / "s.npz").exit_code == 0
+    t, z = load_file(str(tmp_path / "t.safetensors")), np.load(tmp_path / "s.npz")
+    arch = json.loads(str(z["architecture"]))
+    origs = sorted(k for k in t if k.endswith(".weight_orig"))
+    assert len(origs) == sum(k.startswith("weight_") for k in z.files)
+    assert all(set(np.unique(t[k.replace("orig", "mask")])) <= {0.0, 1.0} for k in origs)
+    if name == "lenet":  # conv relu pool conv relu pool flatten linear relu linear
+        np.testing.assert_array_equal(t["0.weight_orig"] * t["0.weight_mask"], z["weight_00"].transpose(0, 3, 1, 2))
+        h, w, c = 7, 7, z["weight_01"].shape[0]
+        order = np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
+        np.testing.assert_array_equal(t["7.weight_orig"] * t["7.weight_mask"], z["weight_02"][:, order])
+    if name == "resnet20-affine":
+        assert arch[3]["type"] == "residual" and "3.main.0.weight_orig" in t and "3.main.1.running_var" in t
+        assert {"1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight", "1.bias"} <= set(t)
+    if name == "biprop":  # alpha * sign(W) * mask, as the product
+        np.testing.assert_allclose(t["1.weight_orig"] * t["1.weight_mask"], z["weight_00"], rtol=0, atol=0)
+    result = export(run_dir, tmp_path / "t.npz", "--layout", "torch-prune")
+    assert result.exit_code == 1 and "--layout torch-prune writes a .safetensors file" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20", "resnet20-affine", "mlp"])
+def test_the_torch_loader_in_the_docs_loads_the_export_into_pytorch_and_predicts_as_eval(trained, tmp_path, monkeypatch, name):
+    """docs/run-format.md's PyTorch example, run as written with the real torch: every test
+    image's prediction is eval's."""
+    pytest.importorskip("torch", reason="torch is not installed (it is no dependency of scoretrain)")
+    doc = (ROOT / "docs/run-format.md").read_text()
+    section = doc[doc.index("### PyTorch's pruning convention"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "scoretrain" not in code
+    run_dir = trained(name)
+    assert export(run_dir, tmp_path / "subnet.safetensors", "--layout", "torch-prune").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    space = {}
+    exec(code, space)
+    ev = json.loads(runner.invoke(app, ["eval", str(run_dir), "--json"]).stdout)
+    images, labels = mnist_test(ev["test_samples"])
+    import torch
+
+    with torch.no_grad():
+        predicted = space["predict"](images)
+    np.testing.assert_array_equal(predicted, scoretrain_logits(run_dir).argmax(1))
+    assert (predicted == labels).mean() == ev["test_acc"]
