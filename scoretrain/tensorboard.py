@@ -9,6 +9,7 @@ epoch it resumes at.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from .errors import ConfigError
@@ -32,8 +33,13 @@ def writer_class():
 class EpochLog:
     """The event file of this session of a run."""
 
-    def __init__(self, run_dir: Path):
-        self.writer = writer_class()(logdir=str(Path(run_dir) / FOLDER))
+    def __init__(self, run_dir: Path, first_epoch: int):
+        # tensorboardX names a file by the second it was made and the host: a resume within the
+        # same second would take the same name and overwrite the first session's file. The suffix
+        # keeps each session's name its own, and in epoch order (TensorBoard reads the files in
+        # name order, and drops the later steps where an earlier one follows them).
+        suffix = f".epoch{first_epoch:06d}.{os.getpid()}"
+        self.writer = writer_class()(logdir=str(Path(run_dir) / FOLDER), filename_suffix=suffix)
 
     def epoch(self, row: dict, k: float, layer_changes: list[float] | None) -> None:
         """An epoch's scalars at step = its number (1-based): nan ones (no validation split; a

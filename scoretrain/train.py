@@ -335,7 +335,7 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
             net, opt = _network_and_optimizer(cfg, backend, run)
             reporter.start(run_dir, cfg, backend, run.epochs_done)
             step = stepper(cfg, backend, net, opt)
-            log = tensorboard.EpochLog(run_dir) if cfg.train.tensorboard else None
+            log = tensorboard.EpochLog(run_dir, run.epochs_done + 1) if cfg.train.tensorboard else None
             try:
                 with step.stream:
                     _epochs(cfg, run_dir, backend, run, dd, reporter, net, opt, stop, step, log)

@@ -332,8 +332,8 @@ def test_unwritten_shared_memory_and_a_missing_barrier_change_the_result_with_th
 FITS = {
     "mnist_fc": ["configs/mnist_fc.yaml", "model.widths=[784,64,10]", "data.train_samples=1000", "train.batch_size=100"],
     "lenet": ["configs/mnist_lenet.yaml", "model.width=0.25", "data.train_samples=256", "train.batch_size=64"],
-    "resnet20": ["configs/mnist_resnet20.yaml", "model.width=0.25", "data.train_samples=192", "train.batch_size=64",
-                 "train.bn_recalibration=128"],
+    "resnet20": ["configs/mnist_resnet20.yaml", "model.width=0.25", "data.train_samples=128", "train.batch_size=64",
+                 "train.bn_recalibration=64"],
 }
 COMMON = ["train.epochs=2", "data.test_samples=200", "train.eval_batch_size=100"]
 
@@ -342,10 +342,10 @@ def fit(tmp_path, name, args, monkeypatch=None, exact_loss=False):
     """`scoretrain fit` through the CLI; on the GPU, the stand-in with the executor as CuPy. With
     exact_loss the GPU side computes the loss with the array code (int32 labels: not the kernel's)."""
     if monkeypatch is not None:
-        from scoretrain import model, train
+        from scoretrain import api, model, train
 
         xp = StrictCupy()
-        monkeypatch.setattr(cli, "resolve", lambda device: Backend(xp, "gpu:0"))
+        monkeypatch.setattr(api, "resolve", lambda device: Backend(xp, "gpu:0"))  # where fit resolves its device
         if exact_loss:
             monkeypatch.setattr(train, "cross_entropy", lambda xp, logits, y, grad=True: model.cross_entropy(xp, logits, y.astype(np.int32), grad))
     with allowing_reads():
@@ -365,7 +365,7 @@ def test_a_fit_on_the_executor_gives_the_numpy_paths_bits_but_for_the_loss_kerne
     exact = fit(tmp_path, "gpu-exact", [*args, "device=gpu"], monkeypatch, exact_loss=True)
     ran = {name for name, n in (cuda_executor.LAUNCHES - before).items() if n}
     assert ran == set(kernels.CUDA_KERNELS) - {"adam", "cross_entropy"} - ({"col2im"} if net == "mnist_fc" else set())
-    assert Graph.replays - replays >= 5  # the steps ran as CUDA graphs, replayed
+    assert Graph.replays - replays >= 3  # the steps ran as CUDA graphs, replayed (all but each shape's first)
     for name in ("weights", "scores", "masks", "norms"):
         for a, b in zip(getattr(cpu, name) or [], getattr(exact, name) or [], strict=True):
             same_bits(b, a)

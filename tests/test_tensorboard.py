@@ -50,6 +50,24 @@ def test_a_resumed_run_goes_on_from_its_epoch(tmp_path, small):
     assert len(list((run_dir / "tensorboard").iterdir())) == 2  # an event file per session
 
 
+def test_sessions_in_the_same_second_keep_their_own_files_in_epoch_order(tmp_path, monkeypatch):
+    """tensorboardX names a file by its second and host alone: a resume within the same second
+    must neither overwrite the first session's file nor sort before it."""
+    from scoretrain import tensorboard
+
+    monkeypatch.setattr("time.time", lambda: 1_800_000_000.0)
+    row = dict(epoch=1, lr=0.1, train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=0.5, val_loss=float("nan"),
+               val_acc=float("nan"), mask_change=0.1, epoch_seconds=1.0)
+    for first, pid in ((1, 900), (2, 100)):  # the later session has the smaller pid
+        monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
+        log = tensorboard.EpochLog(tmp_path, first)
+        for epoch in range(first, 2 if first == 1 else 5):  # the first logs epoch 1, the resumed 2-4
+            log.epoch(dict(row, epoch=epoch, test_acc=epoch / 10), 0.5, [0.1])
+        log.close()
+    got = scalars(tmp_path)["accuracy/test"]
+    assert [s for s, _ in got] == [1, 2, 3, 4]  # overwritten: [2, 3, 4]; read in pid order: [1] (the later steps dropped)
+
+
 def test_without_the_writer_it_is_one_line_before_the_run_starts(tmp_path, small, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     result = runner.invoke(app, ["fit", FC, *small, "train.tensorboard=true", "--runs-dir", str(tmp_path / "runs")])
