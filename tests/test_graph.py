@@ -18,7 +18,7 @@ REPLAYED = {
     "edge-popup": {}, "dense": dict(method="dense"), "biprop": dict(method="biprop"), "global k": dict(k_scope="global"),
     "per filter": dict(score_granularity="filter"), "dense last": dict(dense_last=True),
     "conv": dict(arch="lenet", width=0.125), "k warm-up": dict(k_warmup_epochs=2),
-    "resnet, BN": dict(arch="resnet20", width=0.25, bn="nonaffine"), "resnet, affine BN": dict(arch="resnet20", width=0.25, bn="affine"),
+    "resnet, BN": dict(arch="resnet20", width=0.125, bn="nonaffine"), "resnet, affine BN": dict(arch="resnet20", width=0.125, bn="affine"),
 }
 
 

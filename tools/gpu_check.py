@@ -5,8 +5,8 @@ It needs no install step and no network: it runs this checkout with the machine'
 the GPU tests). In order, each with its own time limit:
 
   1. the GPU tests (tests/test_gpu.py), then kernels.cu on the CPU executor
-     (tests/test_cuda_executor.py: every kernel against its oracle under AddressSanitizer, the
-     dry run without its fits); both skipped where pytest is missing;
+     (tests/test_cuda_executor.py: every kernel against its oracle under AddressSanitizer; the
+     dry run, the radix select's and the optimizers'); both skipped where pytest is missing;
   2. `scoretrain bench --device gpu`;
   3. `scoretrain fit configs/mnist_fc.yaml` on the GPU (its steps replayed as CUDA graphs), again
      with train.cuda_graph=false (the same bits are expected), and on the CPU for reference;
@@ -80,9 +80,9 @@ def main() -> int:
         import pytest  # noqa: F401
 
         run("gpu tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 240, steps)
-        # kernels.cu on the CPU executor (g++, ASan): what CI proves; the dry run leaves out the fits, which CI runs anyway
+        # kernels.cu on the CPU executor (g++, ASan): what CI proves; the dry run (in CI, whose suite runs them all) a few
         run("executed kernels", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_executor.py",
-                                 *(["-k", "not fit"] if a.dry_run else [])], 300, steps)
+                                 *(["-k", "radix_select_kernels or optimizer_kernels"] if a.dry_run else [])], 300, steps)
     except ImportError:
         for name, test in (("gpu tests", "test_gpu.py"), ("executed kernels", "test_cuda_executor.py")):
             steps.append({"step": name, "command": f"pytest tests/{test}", "rc": None, "seconds": 0, "tail": "pytest is not installed"})
