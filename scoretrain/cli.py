@@ -396,7 +396,7 @@ def warn_edited(run_dir: Path, note: str | None) -> None:
 @user_errors
 def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu, gpu or gpu:N."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer steps per case (a smoke run)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer steps per case, and widths up to 250 in the scaling table (a smoke run)."),
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the figures as JSON."),
     net: str = typer.Option("mlp", "--net", help="mlp: edge-popup against dense on MLPs; lenet, resnet20: the training step "
                             "of configs/mnist_NET.yaml, split by layer kind and phase."),

@@ -268,8 +268,8 @@ def test_an_unknown_suffix_or_a_run_still_training_is_one_line_and_writes_nothin
 
 TICKETS = {  # the shipped networks at full size, a short training on a slice of MNIST
     "mnist_fc": [FC, "data.train_samples=1000", "data.test_samples=500", "train.epochs=1"],
-    "resnet20": [str(ROOT / "configs/mnist_resnet20.yaml"), "data.train_samples=256", "data.test_samples=300", "train.epochs=1",
-                 "train.bn_recalibration=256"],
+    "resnet20": [str(ROOT / "configs/mnist_resnet20.yaml"), "data.train_samples=128", "data.test_samples=100", "train.epochs=1",
+                 "train.bn_recalibration=128"],
 }
 
 
