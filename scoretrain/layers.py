@@ -154,7 +154,7 @@ class BatchNorm:
         return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
 
     def forward(self, x, w_eff, train):
-        xp, axes = self.xp, tuple(range(x.ndim - 1))
+        xp = self.xp
         if train:
             mean, var = self.batch_statistics(x)
             n, m = x.size // self.c, self.momentum

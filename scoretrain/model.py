@@ -17,7 +17,7 @@ import numpy as np
 
 from .backend import fused
 from .config import ModelConfig
-from .layers import BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, norm, norm_layers, weight_layers
+from .layers import Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, norm, norm_layers, weight_layers
 from .methods import METHODS
 
 RELU_GAIN = math.sqrt(2.0)

@@ -206,7 +206,7 @@ class Executor:
         try:
             for p in parts:
                 self.proc.stdin.write(p)
-            ok = _read(self.proc.stdout, 4)
+            _read(self.proc.stdout, 4)  # the status word: 0 (a fault ends the process instead)
             for a, written in buffers:
                 if written:
                     _read_into(self.proc.stdout, _bytes(a))
