@@ -17,7 +17,7 @@ import numpy as np
 
 from . import data, store, train
 from .backend import Backend
-from .config import K_METHODS
+from .config import K_METHODS, Config
 from .errors import ScoretrainError
 
 FORMAT = "scoretrain-subnetwork"
@@ -32,9 +32,9 @@ def architecture(net) -> list[dict]:
     return [layer.describe() for layer in net.layers]
 
 
-def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
-    """What the file holds, from a run directory (RunError if it is not a readable run), and
-    store.edited's note on its config.yaml."""
+def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], store.Run, Config]:
+    """What the file holds, from a run directory (RunError if it is not a readable run), and the
+    run and spec it was read from (run.edited: store.edited's note on its config.yaml)."""
     run_dir = Path(run_dir)
     run, cfg = store.open_run(run_dir)
     if store.live_status(run) == "running":  # its file changes under the export at every epoch
@@ -63,10 +63,10 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], str | None]:
         image_shape=np.array([h, w, c], np.int64),
         n_classes=np.array(classes, np.int64),
     )
-    return out, run.edited
+    return out, run, cfg
 
 
-def torch_prune_tensors(run_dir: Path, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_prune_tensors(run: store.Run, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The subnetwork in PyTorch's pruning convention (torch.nn.utils.prune), for the module tree
     docs/run-format.md builds from `architecture` (an nn.Sequential, a residual block's `main` and
     `shortcut` inside it): per conv or linear `<name>.weight_orig` and `<name>.weight_mask` (float
@@ -74,7 +74,6 @@ def torch_prune_tensors(run_dir: Path, out: dict[str, np.ndarray]) -> dict[str, 
     prunes), per BatchNorm `running_mean`, `running_var`, `num_batches_tracked` (and affine
     `weight`, `bias`), in PyTorch's layouts: conv weights [out, in, kh, kw], and a linear layer
     after a flatten taking its inputs in channels-first order, as nn.Flatten gives them."""
-    run, _ = store.open_run(Path(run_dir))
     tensors = {}
 
     def weight(name: str, spec: dict, flat_from):
@@ -153,7 +152,7 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
         raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
     if not dest.parent.is_dir():
         raise ScoretrainError(f"{dest.parent}: no such folder")
-    out, edited = arrays(run_dir)
+    out, run, cfg = arrays(run_dir)  # run.h5 read once, for every format
     encoded = None  # the whole file, made before anything is written (a missing package, a run with no ticket: one line)
     if dest.suffix == ".onnx":
         from . import onnx_export
@@ -162,7 +161,7 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
     elif dest.suffix == ".ticket":
         from . import ticket
 
-        encoded = ticket.to_bytes(run_dir)
+        encoded = ticket.to_bytes(run_dir, run, cfg)
 
     def write(tmp: Path) -> None:
         if encoded is not None:
@@ -173,7 +172,7 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
 
             tensors, metadata = safetensors_parts(out)
             if layout == "torch-prune":
-                tensors = torch_prune_tensors(run_dir, out)
+                tensors = torch_prune_tensors(run, out)
             tmp.write_bytes(save(tensors, metadata=metadata))  # written here: a full disk is an OSError
             return
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
@@ -183,4 +182,4 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
         store.write_atomic(dest, write)
     except OSError as e:
         raise ScoretrainError(f"{dest}: cannot write ({train.os_reason(e)})") from None
-    return out, edited
+    return out, run.edited

@@ -45,9 +45,8 @@ def regenerate(cfg: config_mod.Config) -> tuple[list[np.ndarray], list[np.ndarra
     return init_network(cfg.model, cfg.seed, (h, w, c), classes)
 
 
-def to_bytes(run_dir: Path) -> bytes:
-    """The ticket of a run (ScoretrainError where a run has none)."""
-    run, cfg = store.open_run(Path(run_dir))
+def to_bytes(run_dir: Path, run: store.Run, cfg: config_mod.Config) -> bytes:
+    """The ticket of the run read from run_dir (ScoretrainError where a run has none)."""
     if run.masks is None:
         what = "learns its weights (dense)" if run.scores is None else "has no mask yet (no finished epoch)"
         raise ScoretrainError(f"{run_dir}: no ticket: the run {what}; export it as .npz, .safetensors or .onnx")
