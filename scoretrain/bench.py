@@ -265,6 +265,7 @@ def layer_split(backend: Backend, net, opt, x, y, batches, lr) -> dict:
             logits, caches = timed("forward", net.forward)(xb, w_eff)
             _, _, dlogits = loss(backend.xp, logits, yb)
             timed("backward", net.backward)(caches, w_eff, dlogits)
+            del caches, logits  # as in a step: the next forward does not run beside this one's memory
             update(opt, lr)
     finally:
         for layer in layers:  # the instance attributes go: the class's methods again

@@ -179,17 +179,18 @@ __global__ void relu_backward(const float* d, const float* y, float* out, long l
         out[i] = __fmul_rn(d[i], y[i] > 0.0f ? 1.0f : 0.0f);
 }
 
-// layers.Conv2d.backward's col2im as a gather, kernels.col2im's loop: dx (padded, [n, hp, wp, c])
-// at (b, yp, xp, ch) sums dcols [n, ho, wo, k, k, c] over the patches that read it, in the array
-// code's order, (i, j) ascending from 0. A thread per element of dx; none writes another's.
-__global__ void col2im(const float* dcols, float* dx, int n, int ho, int wo, int k, int c, int hp, int wp,
-                       int stride) {
-    long long total = (long long)n * hp * wp * c;
+// layers.Conv2d.backward's col2im as a gather, kernels.col2im's sums: dx ([n, h, w, c], the
+// input's gradient without the padding) at (b, y, x, ch) sums dcols [n, ho, wo, k, k, c] over the
+// patches that read it, in the array code's order, (i, j) ascending from 0. A thread per element of
+// dx; none writes another's.
+__global__ void col2im(const float* dcols, float* dx, int n, int ho, int wo, int k, int c, int h, int w,
+                       int stride, int pad) {
+    long long total = (long long)n * h * w * c;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
         int ch = e % c;
         long long r = e / c;
-        int xp = r % wp, yp = (r / wp) % hp;
-        long long b = r / ((long long)wp * hp);
+        int xp = r % w + pad, yp = (r / w) % h + pad;
+        long long b = r / ((long long)w * h);
         float acc = 0.0f;
         for (int i = 0; i < k; i++) {
             int ty = yp - i;

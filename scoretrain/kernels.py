@@ -231,26 +231,128 @@ def relu_backward(d, y, out):
 
 
 @jit
-def col2im(dcols, stride, dx):
-    """dx[n, i + stride * y, j + stride * x, :] += dcols[n, y, x, i, j, :], into zeros: Conv2d's
-    col2im, as a gather. Each element of dx sums its patches' gradients in the order of the
-    array code, (i, j) ascending, so the bits are the same; here dcols is read where it lies and
-    dx written once, where the array code's strided adds pass over dx k * k times."""
-    n, ho, wo, k, _, c = dcols.shape
-    hp, wp = dx.shape[1], dx.shape[2]
+def im2col(x, stride, pad, cols):
+    """cols[b, y, x, i, j, :] = x[b, stride * y + i - pad, stride * x + j - pad, :], zero where that
+    is outside x: Conv2d.forward's patches, copied from x where the array code first pads a copy.
+    Flat indices (unsigned: no negative-index checks), a channel run at a time."""
+    n, h, w, c = x.shape
+    _, ho, wo, k, _, _ = cols.shape
+    xf, out, cu = x.reshape(-1), cols.reshape(-1), np.uint64(c)
     for b in range(n):
-        for yp in range(hp):
-            for xp in range(wp):
+        o = np.uint64(b * ho * wo * k * k * c)
+        for ty in range(ho):
+            for tx in range(wo):
                 for i in range(k):
-                    ty = yp - i
-                    if ty < 0 or ty % stride or ty // stride >= ho:
-                        continue
+                    r = ty * stride + i - pad
                     for j in range(k):
-                        tx = xp - j
-                        if tx < 0 or tx % stride or tx // stride >= wo:
-                            continue
-                        for ch in range(c):
-                            dx[b, yp, xp, ch] += dcols[b, ty // stride, tx // stride, i, j, ch]
+                        q = tx * stride + j - pad
+                        if 0 <= r < h and 0 <= q < w:
+                            src = np.uint64(((b * h + r) * w + q) * c)
+                            for ch in range(cu):
+                                out[o + ch] = xf[src + ch]
+                        else:
+                            for ch in range(cu):
+                                out[o + ch] = 0
+                        o += cu
+
+
+@jit
+def col2im(dcols, stride, pad, dx):
+    """dx[b, stride * y + i - pad, stride * x + j - pad, :] += dcols[b, y, x, i, j, :] over every
+    patch, into zeros (inside dx; what lands in the padding is dropped): Conv2d's col2im. Each
+    element of dx sums its patches' gradients in the order of the array code, (i, j) ascending:
+    the patches are visited from the last, and one that is later in (y, x) touches an element at
+    a smaller (i, j). The same bits."""
+    n, ho, wo, k, _, c = dcols.shape
+    h, w = dx.shape[1], dx.shape[2]
+    src, out, cu = dcols.reshape(-1), dx.reshape(-1), np.uint64(c)
+    for b in range(n):
+        image = np.uint64(b * h * w * c)
+        for e in range(np.uint64(h * w * c)):
+            out[image + e] = 0
+        for ty in range(ho - 1, -1, -1):
+            for tx in range(wo - 1, -1, -1):
+                o = np.uint64((((b * ho + ty) * wo + tx) * k * k) * c)
+                for i in range(k):
+                    r = ty * stride + i - pad
+                    for j in range(k):
+                        q = tx * stride + j - pad
+                        if 0 <= r < h and 0 <= q < w:
+                            dst = np.uint64(((b * h + r) * w + q) * c)
+                            for ch in range(cu):
+                                out[dst + ch] += src[o + ch]
+                        o += cu
+
+
+# BatchNorm's passes over [m, c] (flat, channels last) a row at a time. Indices are unsigned (as
+# in score_step) and the sums are local arrays, written back at the end: both let the loops over a
+# row's channels vectorize.
+
+
+@jit
+def channel_sums(x, c, mean, sums):
+    """BatchNorm's float64 sums per channel, each in row order, the order of the array code's
+    x.reshape(-1, c).sum(0, dtype=float64): with mean None, sums[0] = sum x; with mean (float32),
+    sums[0] = sum (x - mean)^2, the square rounded to float32 first."""
+    acc, cu = np.zeros(c), np.uint64(c)
+    for i in range(0, x.size, c):
+        row = np.uint64(i)
+        for ch in range(cu):
+            v = x[row + ch]
+            if mean is not None:
+                v = v - mean[ch]
+                v = v * v
+            acc[ch] += np.float64(v)
+    sums[0, :] = acc
+
+
+@jit
+def normalize(x, c, mean, inv, gamma, beta, out):
+    """out = (x - mean) * inv, then with gamma and beta * gamma + beta: BatchNorm.forward's
+    float32 operations, per channel."""
+    cu = np.uint64(c)
+    for i in range(0, x.size, c):
+        row = np.uint64(i)
+        for ch in range(cu):
+            y = (x[row + ch] - mean[ch]) * inv[ch]
+            if gamma is not None:
+                y = y * gamma[ch] + beta[ch]
+            out[row + ch] = y
+
+
+@jit
+def normalize_backward_sums(d, x, c, mean, inv, gamma, sums):
+    """BatchNorm.backward's sums in one pass, in row order as channel_sums: sums[0] = sum d * gamma,
+    sums[1] = sum d * gamma * xhat with xhat = (x - mean) * inv (gamma None: 1), and with gamma the
+    affine gradients' sums, sums[2] = sum d * xhat (dgamma), sums[3] = sum d (dbeta)."""
+    acc, cu = np.zeros((4, c)), np.uint64(c)
+    for i in range(0, x.size, c):
+        row = np.uint64(i)
+        for ch in range(cu):
+            g = d[row + ch]
+            xhat = (x[row + ch] - mean[ch]) * inv[ch]
+            if gamma is not None:
+                acc[2, ch] += np.float64(g * xhat)
+                acc[3, ch] += np.float64(g)
+                g = g * gamma[ch]
+            acc[0, ch] += np.float64(g)
+            acc[1, ch] += np.float64(g * xhat)
+    sums[...] = acc
+
+
+@jit
+def normalize_backward(d, x, c, mean, inv, gamma, a, b, out):
+    """out = (d * gamma - a - xhat * b) * inv, xhat = (x - mean) * inv (gamma None: 1): the
+    batch-statistics gradient of BatchNorm, with a and b its per-channel sums over n."""
+    cu = np.uint64(c)
+    for i in range(0, x.size, c):
+        row = np.uint64(i)
+        for ch in range(cu):
+            g = d[row + ch]
+            if gamma is not None:
+                g = g * gamma[ch]
+            xhat = (x[row + ch] - mean[ch]) * inv[ch]
+            out[row + ch] = (g - a[ch] - xhat * b[ch]) * inv[ch]
 
 
 def update(rule, p, g, state, scalars):
@@ -330,9 +432,9 @@ def cuda(cupy):
     def relu_backward(d, y, out):
         k["relu_backward"](_grid(d.size), block, (d, y, out, i64(d.size)))
 
-    def col2im(dcols, stride, dx):
+    def col2im(dcols, stride, pad, dx):
         n, ho, wo, kk, _, c = dcols.shape
-        k["col2im"](_grid(dx.size), block, (dcols, dx, *map(i32, (n, ho, wo, kk, c, dx.shape[1], dx.shape[2], stride))))
+        k["col2im"](_grid(dx.size), block, (dcols, dx, *map(i32, (n, ho, wo, kk, c, dx.shape[1], dx.shape[2], stride, pad))))
 
     def cross_entropy(logits, y, dx, loss, correct):
         """dx None: no gradient (a one-element dx is passed, never written)."""

@@ -50,7 +50,10 @@ class Linear:
 
 class Conv2d:
     """A k x k convolution with a stride, zero padding (k // 2 by default: 'same' at stride 1),
-    as one GEMM over im2col patches."""
+    as one GEMM over im2col patches. The input's gradient is, at stride 1, the convolution of the
+    output's gradient with the kernel flipped (one more GEMM over patches, which the CPU copies
+    faster than it scatters them back), where those patches are no larger than the input's;
+    else col2im."""
 
     kind = "conv"
 
@@ -72,21 +75,31 @@ class Conv2d:
         return {"type": "conv", "weight": f"weight_{self.index:02d}", "shape": list(self.shape),
                 "padding": "same" if same else self.pad, "stride": self.stride}
 
-    def forward(self, x, w_eff, train):
-        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
-        n, h, wd, c = x.shape
-        ho, wo = self._out(h, wd)
-        if p:
-            padded = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=x.dtype)
-            padded[:, p : p + h, p : p + wd] = x
+    def patches(self, x, stride: int, pad: int):
+        """im2col: [n * ho * wo, k * k * c], row (b, y, x) the k x k x c patch that output reads."""
+        xp, k = self.xp, self.k
+        n, h, w, c = x.shape
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        loops = fused(xp, x) if xp is np else None
+        if loops:  # numba: copied from x in one pass, the same values
+            cols = np.empty((n * ho * wo, k * k * c), x.dtype)
+            loops.im2col(x, stride, pad, cols.reshape(n, ho, wo, k, k, c))
+            return cols
+        if pad:
+            padded = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=x.dtype)
+            padded[:, pad : pad + h, pad : pad + w] = x
         else:
             padded = xp.ascontiguousarray(x)
-        # im2col as a strided view [n, ho, wo, k, k, c] of the padded input; the reshape copies it once
+        # a strided view [n, ho, wo, k, k, c] of the padded input; the reshape copies it once
         sn, sh, sw, sc = padded.strides
-        cols = xp.lib.stride_tricks.as_strided(padded, (n, ho, wo, k, k, c), (sn, sh * st, sw * st, sh, sw, sc))
-        cols = cols.reshape(n * ho * wo, k * k * c)
+        cols = xp.lib.stride_tricks.as_strided(padded, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc))
+        return cols.reshape(n * ho * wo, k * k * c)
+
+    def forward(self, x, w_eff, train):
+        w = w_eff[self.index]
+        cols = self.patches(x, self.stride, self.pad)
         y = cols @ w.reshape(len(w), -1).T
-        return y.reshape(n, ho, wo, len(w)), (cols, x.shape)
+        return y.reshape(*x.shape[:1], *self._out(*x.shape[1:3]), len(w)), (cols, x.shape)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
@@ -96,12 +109,16 @@ class Conv2d:
         xp.matmul(d2.T, cols, out=grads[self.index].reshape(len(w), -1))
         if not need_dx:
             return None
+        if st == 1 and p < k and len(w) <= c:  # dx = d convolved with the flipped kernel: patches [.., k, k, out] @ [k, k, out, in]
+            flipped = w[:, ::-1, ::-1, :].transpose(1, 2, 0, 3).reshape(-1, c)  # (a copy)
+            return (self.patches(d, 1, k - 1 - p) @ flipped).reshape(n, h, wd, c)
         dcols = (d2 @ w.reshape(len(w), -1)).reshape(n, ho, wo, k, k, c)
-        dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
-        loops = fused(xp, dcols, dx)
+        loops = fused(xp, dcols)
         if loops:  # the same sums as the loop below, in one pass (numba; a CUDA kernel)
-            loops.col2im(dcols, st, dx)
-            return dx[:, p : p + h, p : p + wd]
+            dx = xp.empty((n, h, wd, c), dtype=d.dtype)
+            loops.col2im(dcols, st, p, dx)
+            return dx
+        dx = xp.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=d.dtype)
         for i in range(k):  # col2im: each patch adds its gradient back where it was read
             for j in range(k):
                 dx[:, i : i + st * (ho - 1) + 1 : st, j : j + st * (wo - 1) + 1 : st] += dcols[:, :, :, i, j]
@@ -154,10 +171,11 @@ class BatchNorm:
         return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
 
     def forward(self, x, w_eff, train):
-        xp = self.xp
+        xp, c = self.xp, self.c
+        loops = fused(xp, x) if xp is np else None  # numba: the same float32 and float64 operations, in 3 passes
         if train:
-            mean, var = self.batch_statistics(x)
-            n, m = x.size // self.c, self.momentum
+            mean, var = self.batch_statistics(x, loops)
+            n, m = x.size // c, self.momentum
             self.mean *= 1 - m
             self.mean += (m * mean).astype(self.mean.dtype)
             self.var *= 1 - m
@@ -165,35 +183,64 @@ class BatchNorm:
         else:
             mean, var = self.mean.astype(x.dtype), self.var.astype(x.dtype)
         inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))
-        y = (x - mean) * inv
-        if self.affine:
-            y *= self.gamma.astype(x.dtype)
-            y += self.beta.astype(x.dtype)
+        gamma, beta = (self.gamma.astype(x.dtype), self.beta.astype(x.dtype)) if self.affine else (None, None)
+        if loops:
+            y = xp.empty_like(x)
+            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, y.reshape(-1))
+        else:
+            y = (x - mean) * inv
+            if self.affine:
+                y *= gamma
+                y += beta
         return y, (x, mean, inv, train)
 
-    def batch_statistics(self, x):
+    def batch_statistics(self, x, loops=None):
         """The batch's mean and biased variance per channel, in x's dtype. Each is a sum of
         N x H x W terms (100,352 for MNIST at batch 128): float32 sums of that many lose 1e-2 of
         the gradient (issue 20), so every one of BatchNorm's channel sums is accumulated in
-        float64. The variance is the mean square of x - mean (no cancellation of E[x^2] - E[x]^2)."""
-        axes, n = tuple(range(x.ndim - 1)), x.size // self.c
-        mean = (x.sum(axis=axes, dtype=np.float64) / n).astype(x.dtype)
-        centered = x - mean
+        float64, in row order. The variance is the mean square of x - mean (no cancellation of
+        E[x^2] - E[x]^2)."""
+        c, n = self.c, x.size // self.c
+        if loops:
+            sums = np.zeros((1, c))
+            loops.channel_sums(x.reshape(-1), c, None, sums)
+            mean = (sums[0] / n).astype(x.dtype)
+            sums[...] = 0
+            loops.channel_sums(x.reshape(-1), c, mean, sums)
+            return mean, (sums[0] / n).astype(x.dtype)
+        rows = x.reshape(-1, c)
+        mean = (rows.sum(axis=0, dtype=np.float64) / n).astype(x.dtype)
+        centered = rows - mean
         centered *= centered
-        return mean, (centered.sum(axis=axes, dtype=np.float64) / n).astype(x.dtype)
+        return mean, (centered.sum(axis=0, dtype=np.float64) / n).astype(x.dtype)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         x, mean, inv, train = cache  # its input, not its output: a ReLU after it works in place on that
-        axes, n = tuple(range(d.ndim - 1)), d.size // self.c
-        xhat = (x - mean) * inv
-        channel_sum = lambda a: a.sum(axis=axes, dtype=np.float64).astype(d.dtype)  # noqa: E731 - as batch_statistics
+        c, n = self.c, d.size // self.c
+        loops = fused(self.xp, d, x) if self.xp is np and train else None
+        if loops:  # numba: the four sums in one pass, then dx in one more; the array code's bits
+            return self._backward_fused(loops, d, x, mean, inv, n)
+        rows = d.reshape(-1, c)
+        xhat = ((x - mean) * inv).reshape(-1, c)
+        channel_sum = lambda a: a.sum(axis=0, dtype=np.float64).astype(d.dtype)  # noqa: E731 - as batch_statistics
         if self.affine:
-            self.dgamma[...] = channel_sum(d * xhat)
-            self.dbeta[...] = channel_sum(d)
-            d = d * self.gamma.astype(d.dtype)
+            self.dgamma[...] = channel_sum(rows * xhat)
+            self.dbeta[...] = channel_sum(rows)
+            rows = rows * self.gamma.astype(d.dtype)
         if not train:
-            return d * inv
-        return (d - channel_sum(d) / n - xhat * (channel_sum(d * xhat) / n)) * inv
+            return (rows * inv).reshape(d.shape)
+        return ((rows - channel_sum(rows) / n - xhat * (channel_sum(rows * xhat) / n)) * inv).reshape(d.shape)
+
+    def _backward_fused(self, loops, d, x, mean, inv, n):
+        gamma = self.gamma.astype(d.dtype) if self.affine else None
+        sums = np.zeros((4, self.c))
+        loops.normalize_backward_sums(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, sums)
+        if self.affine:
+            self.dgamma[...], self.dbeta[...] = sums[2].astype(d.dtype), sums[3].astype(d.dtype)
+        a, b = sums[0].astype(d.dtype) / n, sums[1].astype(d.dtype) / n
+        dx = np.empty_like(d)
+        loops.normalize_backward(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, a, b, dx.reshape(-1))
+        return dx
 
 
 class GlobalAvgPool:

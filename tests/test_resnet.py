@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain import layers, store
 from scoretrain.cli import app
 from scoretrain.config import ModelConfig
 from scoretrain.layers import BatchNorm, Conv2d, GlobalAvgPool, ResidualBlock, weight_layers
@@ -86,14 +86,15 @@ def test_batchnorm_normalizes_by_the_batch_and_moves_its_running_statistics():
     np.testing.assert_allclose(measured, (x - bn.mean) / np.sqrt(bn.var + 1e-5), rtol=1e-5)
 
 
-@pytest.mark.parametrize("k, stride, pad", [(3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 1), (5, 2, 2)])
-def test_strided_and_1x1_conv_gradients(k, stride, pad):
+@pytest.mark.parametrize("k, stride, pad", [(3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 1), (5, 2, 2), (3, 1, 0), (5, 1, 1)])
+@pytest.mark.parametrize("c_in, c_out", [(2, 3), (3, 2)])  # dx by col2im; at stride 1, by the flipped kernel
+def test_strided_and_1x1_conv_gradients(k, stride, pad, c_in, c_out):
     rng = np.random.default_rng(k * 10 + stride)
-    conv = numbered(Conv2d(np, 2, 3, k, stride, pad))
-    x = rng.standard_normal((2, 7, 6, 2))
+    conv = numbered(Conv2d(np, c_in, c_out, k, stride, pad))
+    x = rng.standard_normal((2, 7, 6, c_in))
     w = rng.standard_normal(conv.shape)
     y, _ = conv.forward(x.copy(), [w], True)
-    assert y.shape[1:] == conv.output_shape((7, 6, 2))[0] == ((7 + 2 * pad - k) // stride + 1, (6 + 2 * pad - k) // stride + 1, 3)
+    assert y.shape[1:] == conv.output_shape((7, 6, c_in))[0] == ((7 + 2 * pad - k) // stride + 1, (6 + 2 * pad - k) // stride + 1, c_out)
     check_layer(conv, x, [w])
 
 
@@ -254,20 +255,54 @@ def test_model_bn_is_checked():
         load(None, ["model.arch=resnet20", "model.bn=nonaffine", "train.bn_recalibration=-1"])
 
 
-@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2), (3, 1, 0)])
-def test_the_col2im_loop_gives_the_array_codes_bits(k, stride, pad, monkeypatch):
-    import scoretrain.model as model
-
+@pytest.mark.parametrize("c_in, c_out", [(5, 3), (3, 5)])
+@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2), (3, 1, 0), (1, 1, 0), (3, 3, 0)])
+def test_the_conv_loops_give_the_array_codes_bits(k, stride, pad, c_in, c_out, monkeypatch):
+    """The numba patch copy (forward; dx at stride 1 where c_out <= c_in) and col2im (dx else)."""
     rng = np.random.default_rng(k + stride + pad)
-    conv = numbered(Conv2d(np, 3, 5, k, stride, pad))
-    x = rng.standard_normal((4, 9, 8, 3)).astype(np.float32)
+    conv = numbered(Conv2d(np, c_in, c_out, k, stride, pad))
+    x = rng.standard_normal((4, 9, 8, c_in)).astype(np.float32)
     w = rng.standard_normal(conv.shape).astype(np.float32)
-    y, cache = conv.forward(x, [w], True)
-    d = rng.standard_normal(y.shape).astype(np.float32)
-    fused_dx = conv.backward(d, cache, [w], [np.empty(conv.shape, np.float32)], True)
-    monkeypatch.setattr(model, "fused", lambda *a: None)
-    array_dx = conv.backward(d, cache, [w], [np.empty(conv.shape, np.float32)], True)
-    assert fused_dx.dtype == np.float32 and np.array_equal(fused_dx, array_dx)
+    d = rng.standard_normal((4, *conv.output_shape((9, 8, c_in))[0])).astype(np.float32)
+    out = []
+    for loops in (True, False):
+        if not loops:
+            monkeypatch.setattr(layers, "fused", lambda *a: None)
+        g = np.full(w.shape, np.nan, np.float32)
+        y, cache = conv.forward(x.copy(), [w], True)
+        out.append((y, conv.backward(d.copy(), cache, [w], [g], True), g))
+    (y, dx, g), want = out
+    assert y.dtype == dx.dtype == np.float32 and dx.shape == x.shape and dx.flags.c_contiguous  # what the next layer's loops take
+    for a, b in zip((y, dx, g), want):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(16, 28, 28, 8), (3, 5, 5, 1), (7, 4, 4, 3), (32, 7, 7, 32)])
+def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, monkeypatch):
+    """Forward, dx, the running statistics and dgamma, dbeta: the loops' float64 sums run in row
+    order, as the array code's sum over axis 0 does."""
+    rng = np.random.default_rng(sum(shape))
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    d = rng.standard_normal(shape).astype(np.float32)
+    states = []
+    for loops in (True, False):
+        bn = BatchNorm(np, c, affine=affine)
+        bn.mean[...], bn.var[...] = 0.3, 1.7  # what measuring (train False) normalizes by
+        if affine:
+            flat, grad = np.linspace(-1.5, 2, 2 * c, dtype=np.float32), np.full(2 * c, np.nan, np.float32)
+            bn.gamma, bn.beta, bn.dgamma, bn.dbeta = flat[:c], flat[c:], grad[:c], grad[c:]
+        if not loops:
+            monkeypatch.setattr(layers, "fused", lambda *a: None)
+        y, cache = bn.forward(x.copy(), [], train)
+        dx = bn.backward(d.copy(), cache, [], [], True)
+        states.append([y, dx, bn.mean.copy(), bn.var.copy()] + ([grad.copy()] if affine else []))
+    monkeypatch.undo()
+    for got, want in zip(*states):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("train", [True, False])
