@@ -194,11 +194,7 @@ class RunRecord:
     def subnetwork(self) -> list[np.ndarray]:
         """The effective weights the stored network computes with, per weight layer (edge-popup:
         W * mask; biprop: alpha * sign(W) * mask; dense: W), as `export` writes them."""
-        net = self.network()
-        w_eff = net.effective_weights(train=False)
-        if self._run.masks is not None:
-            w_eff = net.subnetwork(self._run.masks)
-        return [np.array(w) for w in w_eff]
+        return [np.array(w) for w in train.stored_subnetwork(self.network(), self._run.masks)]
 
     def evaluate(self, device: str | None = None) -> dict:
         """`scoretrain eval`'s figures: the stored subnetwork re-measured on the test split."""

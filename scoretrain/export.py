@@ -42,9 +42,7 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], store.Run, Config]:
                               "stopped, or export a copy of its folder")
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
     net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
-    w_eff = net.effective_weights(train=False)  # dense: the weights; else masks from the scores
-    if run.masks is not None:
-        w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself, as `scoretrain eval` uses
+    w_eff = train.stored_subnetwork(net, run.masks)
     h, w, c, classes = data.SHAPES[cfg.data.name]
     test_acc = run.metrics["test_acc"]
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": cfg.data.name,

@@ -230,6 +230,12 @@ def relu_backward(d, y, out):
         out[i] = d[i] * (y[i] > 0)
 
 
+@numba.njit(inline="always")
+def _pixel(b, r, q, h, w, c):
+    """The flat offset of pixel (b, r, q) of [n, h, w, c] images, -1 outside them (the padding)."""
+    return ((b * h + r) * w + q) * c if 0 <= r < h and 0 <= q < w else -1
+
+
 @jit
 def im2col(x, stride, pad, cols):
     """cols[b, y, x, i, j, :] = x[b, stride * y + i - pad, stride * x + j - pad, :], zero where that
@@ -245,11 +251,10 @@ def im2col(x, stride, pad, cols):
                 for i in range(k):
                     r = ty * stride + i - pad
                     for j in range(k):
-                        q = tx * stride + j - pad
-                        if 0 <= r < h and 0 <= q < w:
-                            src = np.uint64(((b * h + r) * w + q) * c)
+                        at = _pixel(b, r, tx * stride + j - pad, h, w, c)
+                        if at >= 0:
                             for ch in range(cu):
-                                out[o + ch] = xf[src + ch]
+                                out[o + ch] = xf[np.uint64(at) + ch]
                         else:
                             for ch in range(cu):
                                 out[o + ch] = 0
@@ -276,11 +281,10 @@ def col2im(dcols, stride, pad, dx):
                 for i in range(k):
                     r = ty * stride + i - pad
                     for j in range(k):
-                        q = tx * stride + j - pad
-                        if 0 <= r < h and 0 <= q < w:
-                            dst = np.uint64(((b * h + r) * w + q) * c)
+                        at = _pixel(b, r, tx * stride + j - pad, h, w, c)
+                        if at >= 0:
                             for ch in range(cu):
-                                out[dst + ch] += src[o + ch]
+                                out[np.uint64(at) + ch] += src[o + ch]
                         o += cu
 
 

@@ -70,6 +70,13 @@ def network(cfg: Config, backend: Backend, weights: list, scores: list | None, n
     return Network(backend.xp, cfg.model, weights, scores, (h, w, c), classes, norms)
 
 
+def stored_subnetwork(net: Network, masks: list | None) -> list:
+    """W_eff of a stored run's network: its stored masks applied (the subnetwork itself, as eval
+    and export use it), or where it stores none (dense) the network's own measuring weights."""
+    w_eff = net.effective_weights(train=False)
+    return w_eff if masks is None else net.subnetwork(masks)
+
+
 def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int]:
     """(weights, bytes for the tensors that grow with the network, bytes for the activations of
     the largest batch) of training `cfg` on n_train images and measuring n_test: what it holds at
