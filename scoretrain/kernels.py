@@ -231,8 +231,10 @@ def relu_backward(d, y, out):
 
 
 @numba.njit(inline="always")
-def _pixel(b, r, q, h, w, c):
-    """The flat offset of pixel (b, r, q) of [n, h, w, c] images, -1 outside them (the padding)."""
+def _tap(b, ty, tx, i, j, stride, pad, h, w, c):
+    """The flat offset in [n, h, w, c] images of the pixel that tap (i, j) of output (b, ty, tx)
+    reads, -1 where that is the padding."""
+    r, q = ty * stride + i - pad, tx * stride + j - pad
     return ((b * h + r) * w + q) * c if 0 <= r < h and 0 <= q < w else -1
 
 
@@ -249,9 +251,8 @@ def im2col(x, stride, pad, cols):
         for ty in range(ho):
             for tx in range(wo):
                 for i in range(k):
-                    r = ty * stride + i - pad
                     for j in range(k):
-                        at = _pixel(b, r, tx * stride + j - pad, h, w, c)
+                        at = _tap(b, ty, tx, i, j, stride, pad, h, w, c)
                         if at >= 0:
                             for ch in range(cu):
                                 out[o + ch] = xf[np.uint64(at) + ch]
@@ -279,9 +280,8 @@ def col2im(dcols, stride, pad, dx):
             for tx in range(wo - 1, -1, -1):
                 o = np.uint64((((b * ho + ty) * wo + tx) * k * k) * c)
                 for i in range(k):
-                    r = ty * stride + i - pad
                     for j in range(k):
-                        at = _pixel(b, r, tx * stride + j - pad, h, w, c)
+                        at = _tap(b, ty, tx, i, j, stride, pad, h, w, c)
                         if at >= 0:
                             for ch in range(cu):
                                 out[np.uint64(at) + ch] += src[o + ch]
