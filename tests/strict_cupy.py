@@ -81,7 +81,9 @@ def _frozen(a):
 
 
 def _is_view(result, *sources) -> bool:
-    return isinstance(result, np.ndarray) and any(isinstance(s, np.ndarray) and np.may_share_memory(result, s) for s in sources)
+    """(On plain views: may_share_memory on a device array would be an operation of its own.)"""
+    plain = lambda a: a.view(np.ndarray)  # noqa: E731
+    return isinstance(result, np.ndarray) and any(isinstance(s, np.ndarray) and np.may_share_memory(plain(result), plain(s)) for s in sources)
 
 
 def _copy_into(out, value):
@@ -224,13 +226,15 @@ def _filling(f):
     return call
 
 
-def _asarray(a, dtype=None):
+def _asarray(a, dtype=None, order=None):
+    """xp.asarray, and with order "C" xp.ascontiguousarray. NumPy does not dispatch these to
+    __array_function__, so a copy they make on the device is recorded here."""
     if _record is not None and not isinstance(a, DeviceArray):
         raise CaptureError("a copy from the host inside a stream capture (CuPy refuses it)")
     if not isinstance(a, DeviceArray):  # a copy to the device, as CuPy's: never the host's memory
-        return device(np.array(a, dtype=dtype, copy=True))
-    out = np.asarray(_base(a), dtype=dtype)
-    if _record is not None and not _is_view(out, _base(a)):  # a dtype conversion on the device
+        return device(np.array(a, dtype=dtype, order=order or "K", copy=True))
+    out = np.asarray(_base(a), dtype=dtype, order=order)
+    if _record is not None and not _is_view(out, _base(a)):  # a dtype conversion or a compaction on the device
         src, dst = _base(a), out
         _record.append(lambda: _copy_into(dst, src))
     return device(out)
@@ -364,6 +368,7 @@ class StrictCupy:
     cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=MemoryPool, using_allocator=_UsingAllocator,
                                  get_current_stream=lambda: _current, Device=_Device)
     asarray = staticmethod(_asarray)
+    ascontiguousarray = staticmethod(functools.partial(_asarray, order="C"))
 
     def __getattr__(self, name):
         f = getattr(np, name)

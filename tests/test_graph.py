@@ -112,6 +112,26 @@ def test_the_stand_in_refuses_a_host_copy_while_capturing():
     assert len(graph.ops) == 1 and a.get().tolist() == [0, 0, 0]
 
 
+def test_the_stand_in_replays_the_copies_of_asarray_and_ascontiguousarray():
+    """NumPy does not dispatch asarray or ascontiguousarray to a device array's __array_function__:
+    the stand-in records the copies they make (a compaction, a dtype change) so that a launch
+    makes them again from the arrays' new contents; a view is no copy, and nothing to replay."""
+    xp = StrictCupy(kernels=False)
+    x = xp.zeros((4, 6), np.float32)
+    stream = xp.cuda.Stream(non_blocking=True)
+    stream.begin_capture()
+    try:
+        packed, wider, same = xp.ascontiguousarray(x[:, ::2]), xp.asarray(x, dtype=np.float64), xp.ascontiguousarray(x)
+        doubled = packed * 2
+    finally:
+        graph = stream.end_capture()
+    x[...] = xp.asarray(np.arange(24, dtype=np.float32).reshape(4, 6))
+    graph.launch()
+    assert doubled.get().tolist() == (2 * np.arange(24).reshape(4, 6)[:, ::2]).tolist()
+    assert wider.dtype == np.float64 and wider.get().tolist() == np.arange(24).reshape(4, 6).tolist()
+    assert np.shares_memory(same, x) and len(graph.ops) == 3  # (zeros outside: the two copies, the product)
+
+
 @pytest.mark.parametrize("model, train_, replayed", [
     ({}, {}, True), ({}, dict(optimizer="adam"), False), (dict(method="supermask"), {}, False),
     (dict(method="iterand"), {}, False), ({}, dict(cuda_graph=False), False), (dict(method="dense"), {}, True)])
