@@ -279,7 +279,7 @@ class Network:
         for i, x in enumerate(batches):
             for n in self.norms:  # momentum 1/(i+1): the cumulative average of the batches so far
                 n.momentum = 1 / (i + 1)
-            self.forward(x, w_eff, train=True)
+            self.logits(x, w_eff, train=True)
         for n, m in zip(self.norms, saved):
             n.momentum = m
 
@@ -291,6 +291,14 @@ class Network:
             x, cache = layer.forward(x, w_eff, train)
             caches.append(cache)
         return x, caches
+
+    def logits(self, x, w_eff: list, train: bool = False):
+        """The forward pass of a measurement (or of BatchNorm's recalibration, `train`): the
+        logits alone, each layer's backward cache dropped as the next layer runs, so that the
+        pass holds one layer's im2col patches at a time, not the whole net's."""
+        for layer in self.layers:
+            x = layer.forward(x, w_eff, train)[0]  # (not `x, _ =`: that would keep a cache through the next layer)
+        return x
 
     def backward(self, caches: list, w_eff: list, dlogits) -> None:
         """dL/dW_eff, from dL/dlogits, into self.grads (views of self.g_flat)."""

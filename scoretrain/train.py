@@ -84,17 +84,18 @@ def memory_needed(cfg: Config, n_train: int, n_test: int) -> tuple[int, int, int
     h, w, c, classes = data.SHAPES[cfg.data.name]
     layers = build_layers(np, cfg.model, (h, w, c), classes)
     n_weights = sum(math.prod(l.shape) for l in weight_layers(layers))
-    shape, per_sample = (h, w, c), math.prod((h, w, c))
+    shape, per_sample, widest = (h, w, c), math.prod((h, w, c)), 0
     for layer in layers:  # every layer's output (and a conv's patches) lives until the backward pass
         shape, extra = layer.output_shape(shape)
         per_sample += math.prod(shape) + extra
+        widest = max(widest, math.prod(shape) + extra)  # a measuring pass holds one layer's at a time (Network.logits)
     slots = 2 if cfg.train.optimizer == "adam" else 1
     # float32 weights, gradient, optimizer slots and their scratch, the run's host copy; the score
     # methods add scores, mask (bool), W_eff, scratch and host copies of scores and mask
     per_weight = 4 * (3 + slots) + (0 if METHODS[cfg.model.method].learns == "weights" else 4 * 4 + 1 + 1)
     t = cfg.train
     batch, eval_batch = min(t.batch_size, n_train), min(t.eval_batch_size, n_test)
-    activations = 4 * per_sample * max(2 * batch, eval_batch)  # training keeps gradients too
+    activations = 4 * max(2 * batch * per_sample, eval_batch * widest)  # training keeps gradients too
     return n_weights, per_weight * n_weights, activations
 
 
@@ -151,7 +152,7 @@ def evaluate(net: Network, w_eff: list, x, y, batch_size: int) -> tuple[float, f
     xp = net.xp
     loss, correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
     for i in range(0, len(y), batch_size):
-        logits, _ = net.forward(x[i : i + batch_size], w_eff, train=False)
+        logits = net.logits(x[i : i + batch_size], w_eff)
         l, c, _ = cross_entropy(xp, logits, y[i : i + batch_size], grad=False)
         loss += l
         correct += c

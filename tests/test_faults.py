@@ -123,7 +123,7 @@ def done_run(sweep):
 @pytest.mark.parametrize("overrides,fragments", [
     (["model.widths=[784,2000000000,10]"], ["the network has 1,588,000,000,000 weights", "use a smaller model.widths"]),
     (["model.arch=conv2", "model.width=100000"], ["weights and needs at least", "use a smaller model.width"]),
-    (["model.arch=lenet", "model.width=4", "train.eval_batch_size=10000", "data.test_samples=null"], ["for their activations", "train.eval_batch_size"]),
+    (["model.arch=lenet", "model.width=8", "train.eval_batch_size=10000", "data.test_samples=null"], ["for their activations", "train.eval_batch_size"]),
 ], ids=["huge mlp", "huge conv width", "huge eval batch"])
 def test_a_network_that_cannot_fit_in_memory_is_refused_before_anything_exists(tmp_path, small, overrides, fragments):
     result = invoke("fit", FC, *small, *overrides, "--runs-dir", tmp_path / "runs")
