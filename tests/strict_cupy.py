@@ -82,8 +82,8 @@ def _frozen(a):
 
 def _is_view(result, *sources) -> bool:
     """(On plain views: may_share_memory on a device array would be an operation of its own.)"""
-    plain = lambda a: a.view(np.ndarray)  # noqa: E731
-    return isinstance(result, np.ndarray) and any(isinstance(s, np.ndarray) and np.may_share_memory(plain(result), plain(s)) for s in sources)
+    return isinstance(result, np.ndarray) and any(
+        isinstance(s, np.ndarray) and np.may_share_memory(result.view(np.ndarray), s.view(np.ndarray)) for s in sources)
 
 
 def _copy_into(out, value):

@@ -357,8 +357,9 @@ def test_wrn28_widens_its_stages_and_not_its_stem():
 def test_a_measuring_pass_holds_one_layers_patches_at_a_time():
     """Network.logits (eval, the test each epoch, BatchNorm's recalibration) drops each layer's
     backward cache as the next layer runs: the logits of the full pass, bit for bit, at a peak of
-    one conv's im2col patches where the full pass holds every layer's (resnet20 x0.5 at eval's
-    batch of 1,000: 1.6 GB of process instead of 3.3)."""
+    one residual block's im2col patches and activations where the full pass holds every layer's
+    (a 1-epoch fit of resnet20 x0.5, whose test runs at a batch of 1,000: 1.1 GB of process
+    instead of 3.3)."""
     import tracemalloc
 
     cfg = ModelConfig(arch="resnet20", width=0.5, bn="nonaffine", k=0.5)
@@ -366,14 +367,17 @@ def test_a_measuring_pass_holds_one_layers_patches_at_a_time():
     net = Network(np, cfg, w, s, (28, 28, 1), 10)
     x = np.random.default_rng(0).standard_normal((32, 28, 28, 1)).astype(np.float32)
     w_eff = net.effective_weights(train=False)
-    peaks = []
-    for run in (lambda: net.forward(x.copy(), w_eff, train=False)[0], lambda: net.logits(x.copy(), w_eff)):
+
+    def traced(run):
+        """run()'s result and the peak of what NumPy allocated meanwhile."""
         tracemalloc.start()
-        out = run()
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        peaks.append(out)
-    full_peak, full, peak, logits = peaks
+        try:
+            return run(), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    full, full_peak = traced(lambda: net.forward(x.copy(), w_eff, train=False)[0])
+    logits, peak = traced(lambda: net.logits(x.copy(), w_eff))
     assert logits.tobytes() == full.tobytes()
     patches = 32 * 28 * 28 * 9 * 8 * 4  # one stage-1 conv's im2col patches, float32
     block = 2 * patches + 7 * (patches // 9)  # a residual block's: its two convs' patches, 7 activations
