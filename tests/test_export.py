@@ -212,7 +212,7 @@ def scoretrain_logits(run_dir):
     cpu = Backend(np, "cpu")
     dd = train.load_data(cfg, cpu, run.attrs["input_mean"], run.attrs["input_std"])
     net = train.network(cfg, cpu, run.weights, run.scores, run.norms)
-    return net.logits(dd.x_test, net.subnetwork(run.masks) if run.masks is not None else net.effective_weights(False))
+    return net.logits(dd.x_test, train.stored_subnetwork(net, run.masks))
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet", "resnet20-affine"])  # affine BN: the non-affine graph's, with gamma and beta
