@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NVRTC := $(VENV)/nvrtc
 NVRTC_STAMP := $(NVRTC)/.installed
 
-.PHONY: setup run dense test bench gpu-check clean
+.PHONY: setup run dense test bench docs gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP) $(NVRTC_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/scoretrain bench $(ARGS)
+
+# docs/spec.md's reference, regenerated from the help texts in scoretrain/run/config.py
+docs: $(STAMP)
+	$(BIN)/python tools/spec_doc.py
 
 # On a GPU machine, with its own Python and no install step (tools/gpu_check.py; ARGS=--dry-run on a CPU)
 gpu-check:

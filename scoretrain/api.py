@@ -1,5 +1,5 @@
 """The Python API, for notebooks and scripts: `scoretrain.fit` trains a run as `scoretrain fit` does
-(the command is built on it) and `scoretrain.open_run` reads one as `eval`, `inspect` and
+(both start, resume and train a run through run/lifecycle.py) and `scoretrain.open_run` reads one as `eval`, `inspect` and
 `export` do, with everything as NumPy arrays.
 
     import scoretrain
@@ -8,6 +8,7 @@
     run.layers[0].mask.mean()          # the kept fraction of the first layer
     w_eff = run.subnetwork()           # the effective weights the stored network computes with
     run.evaluate()["test_acc"]         # re-measured on the test split
+    scoretrain.resume("runs/k03")      # an interrupted run, on from its last finished epoch
 
 Errors a user can cause are scoretrain.errors.ScoretrainError (ConfigError for a bad spec), with
 the one-line message the command prints.
@@ -22,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import config as config_mod
-from . import store, tensorboard, train
-from .backend import Backend, load_kernels, resolve
-from .errors import RunError
+from .kernels.backend import Backend, resolve
+from .run import config as config_mod
+from .run import lifecycle, store, train
+from .run.resources import load_data, network, stored_subnetwork
+from .run.step import evaluate
 
 
 def _override(key: str, value) -> str:
@@ -34,65 +36,32 @@ def _override(key: str, value) -> str:
     return f"{key.replace('__', '.')}={text}"
 
 
-def prepare(cfg: config_mod.Config):
-    """(backend, data, run) for a run from its start: everything that can fail before training
-    runs before the run folder exists, so a run that never started leaves nothing behind."""
-    if cfg.train.tensorboard:
-        tensorboard.writer_class()  # missing: one line now, not a failed run
-    backend = resolve(cfg.device)
-    dd = train.load_data(cfg, backend)
-    train.check_memory(cfg, backend, dd)
-    load_kernels(backend.xp)
-    return backend, dd, train.new_run(cfg, backend, dd)
-
-
-def start(cfg: config_mod.Config, runs_dir: Path, name: str | None):
-    """A new run folder, claimed (locked) for this process, with its config.yaml and first
-    checkpoint: (run_dir, backend, data, run). On failure nothing is kept."""
-    if name is not None:
-        store.check_name(name)
-    backend, dd, run = prepare(cfg)
-    stem = cfg.model.method + (f"-k{cfg.model.k:g}" if cfg.model.method == "edge-popup" else "")
-    run_dir = store.create_run_dir(Path(runs_dir), name, stem)
-    store.claim(run_dir)  # a --resume of it is refused while this process trains it
-    begin(cfg, run_dir, run)
-    return run_dir, backend, dd, run
-
-
-def begin(cfg: config_mod.Config, run_dir: Path, run: store.Run) -> None:
-    """Write a claimed, empty run folder's config.yaml and first checkpoint; on failure nothing
-    is kept (the folder is removed again) and the claim is released."""
-    try:
-        store.write_config(run_dir, config_mod.dump(cfg))
-        store.save(run_dir, run)
-    except BaseException as e:
-        store.remove_unstarted(run_dir)
-        store.release(run_dir)
-        if isinstance(e, OSError):
-            raise RunError(f"{run_dir}: cannot write the run's first checkpoint: {train.os_reason(e)}; "
-                                 "nothing was kept (free some space, or choose another --runs-dir)") from None
-        raise
-
-
 def fit(config: str | Path, overrides: list[str] = (), *, runs_dir: str | Path = "runs", name: str | None = None,
         quiet: bool = True, **keys) -> RunRecord:
     """Train the spec in `config` (a YAML file) with `overrides` ("model.k=0.3", as on the command
     line) and `keys` (model__k=0.3: a double underscore for each dot), into runs_dir/name (a
     generated name by default). Returns the finished run. A stopped or failed run raises, as
     `scoretrain fit` exits: its folder keeps its last finished epoch."""
+    cfg = config_mod.load(Path(config), [*overrides, *(_override(k, v) for k, v in keys.items())])
+    return _train(lifecycle.start(cfg, runs_dir, name), quiet)
+
+
+def resume(run_dir: str | Path, *, quiet: bool = True) -> RunRecord:
+    """Go on with an interrupted run from its last finished epoch, as `scoretrain fit --resume`
+    does, and return the finished run. A completed run is refused (RunError): its schedule was
+    laid out over its epochs; start a new run for more."""
+    return _train(lifecycle.resume(Path(run_dir)), quiet)
+
+
+def _train(session: lifecycle.Session, quiet: bool) -> RunRecord:
     from rich.console import Console
 
-    from .progress import Reporter
+    from .run.progress import Reporter
 
-    cfg = config_mod.load(Path(config), [*overrides, *(_override(k, v) for k, v in keys.items())])
-    run_dir, backend, dd, run = start(cfg, runs_dir, name)
-    reporter = Reporter(Console(file=sys.stdout), quiet)
-    try:
-        train.fit(cfg, run_dir, backend, run, dd, reporter)
-    finally:
-        reporter.close()
-        store.release(run_dir)
-    return open_run(run_dir)
+    if session.note and not quiet:
+        print(session.note, file=sys.stderr)
+    lifecycle.train(session, Reporter(Console(file=sys.stdout), quiet))
+    return open_run(session.run_dir)
 
 
 def measure(run_dir: Path, device: str | None = None) -> dict:
@@ -101,15 +70,15 @@ def measure(run_dir: Path, device: str | None = None) -> dict:
         return measure_ticket(Path(run_dir), device)
     run, cfg = store.open_run(run_dir)
     backend = resolve(device or cfg.device)
-    dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-    net = train.network(cfg, backend, run.weights, run.scores, run.norms)
+    dd = load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
+    net = network(cfg, backend, run.weights, run.scores, run.norms)
     train.enter_epoch(net, cfg, max(run.epochs_done - 1, 0))  # the last epoch's k and (supermask) measuring sample
     w_eff = net.effective_weights(train=False)  # masks recomputed from the stored scores
     masks_ok = None
     if run.masks is not None:
         masks_ok = all(bool((backend.to_host(m) == s).all()) for m, s in zip(net.masks, run.masks))
         w_eff = net.subnetwork(run.masks)  # the stored subnetwork itself
-    loss, acc = train.evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
+    loss, acc = evaluate(net, w_eff, dd.x_test, dd.y_test, cfg.train.eval_batch_size)
     recorded = run.metrics["test_acc"][-1] if run.metrics["test_acc"] else None
     return {
         "run": str(run_dir), "status": store.live_status(run), "method": cfg.model.method,
@@ -122,14 +91,14 @@ def measure(run_dir: Path, device: str | None = None) -> dict:
 
 def measure_ticket(path: Path, device: str | None = None) -> dict:
     """A ticket's subnetwork (its weights regenerated from its seed) on its test split."""
-    from . import ticket
+    from .commands import ticket
 
     t = ticket.read(path)
     cfg = t.spec
     backend = resolve(device or "cpu")
-    dd = train.load_data(cfg, backend, t.input_mean, t.input_std)
-    net = train.network(cfg, backend, t.weights, t.scores, t.norms)
-    loss, acc = train.evaluate(net, net.subnetwork(t.masks), dd.x_test, dd.y_test, cfg.train.eval_batch_size)
+    dd = load_data(cfg, backend, t.input_mean, t.input_std)
+    net = network(cfg, backend, t.weights, t.scores, t.norms)
+    loss, acc = evaluate(net, net.subnetwork(t.masks), dd.x_test, dd.y_test, cfg.train.eval_batch_size)
     recorded = t.info.get("test_acc")
     return {"run": str(path), "status": "ticket", "method": cfg.model.method, "epochs": t.info.get("epochs_done"),
             "backend": backend.name, "device": backend.device, "test_samples": len(dd.y_test), "test_loss": loss,
@@ -188,13 +157,13 @@ class RunRecord:
 
     def network(self, device: str = "cpu"):
         """The stored network (model.Network) on `device`."""
-        return train.network(self.spec, Backend(np, "cpu") if device == "cpu" else resolve(device),
+        return network(self.spec, Backend(np, "cpu") if device == "cpu" else resolve(device),
                              self._run.weights, self._run.scores, self._run.norms)
 
     def subnetwork(self) -> list[np.ndarray]:
         """The effective weights the stored network computes with, per weight layer (edge-popup:
         W * mask; biprop: alpha * sign(W) * mask; dense: W), as `export` writes them."""
-        return [np.array(w) for w in train.stored_subnetwork(self.network(), self._run.masks)]
+        return [np.array(w) for w in stored_subnetwork(self.network(), self._run.masks)]
 
     def evaluate(self, device: str | None = None) -> dict:
         """`scoretrain eval`'s figures: the stored subnetwork re-measured on the test split."""
@@ -211,7 +180,7 @@ def open_ticket(path: str | Path):
     """A ticket (export --to FILE.ticket), its frozen weights regenerated from its seed and checked
     against its digest: ticket.Ticket (.spec, .weights, .masks, .norms, .info). measure(path)
     evaluates it."""
-    from . import ticket
+    from .commands import ticket
 
     return ticket.read(Path(path))
 

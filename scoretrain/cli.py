@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,11 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import config as config_mod
-from . import api, environment, store, tensorboard, train
-from .backend import load_kernels, resolve
-from .errors import ConfigError, RunError, ScoretrainError
-from .progress import Reporter, summary
+from . import api
+from .errors import ConfigError, ScoretrainError, failure, os_reason
+from .kernels.backend import resolve
+from .run import config as config_mod
+from .run import lifecycle, store, train
+from .run.progress import Reporter, summary
+from .run.resources import load_data
 
 app = typer.Typer(
     add_completion=False,
@@ -81,7 +82,7 @@ def user_errors(fn):
             say(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
         except MemoryError as e:  # an allocation that cannot succeed, outside a training run
-            say(f"error: {train.failure(e)}: use a smaller network or batch")
+            say(f"error: {failure(e)}: use a smaller network or batch")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -101,92 +102,40 @@ def fit(
     if resume is not None:
         if config is not None or overrides:
             raise ConfigError("--resume takes no config or overrides: a run resumes with the spec it was started with")
-        run_dir = resume
-        locked = store.claim(run_dir)  # before reading the status: two resumes of one run cannot both pass the check
-        try:
-            cfg, backend, dd, run = _resumed(run_dir, locked)
-        except BaseException:
-            store.release(run_dir)
-            raise
+        session = lifecycle.resume(resume)
     else:
         if config is None:
             raise ConfigError("fit needs a config file (e.g. configs/mnist_fc.yaml) or --resume RUN_DIR")
-        cfg = config_mod.load(config, overrides or [])
-        run_dir, backend, dd, run = api.start(cfg, runs_dir, name)  # as scoretrain.fit starts one
-    _train(cfg, run_dir, backend, run, dd, quiet)
+        session = lifecycle.start(config_mod.load(config, overrides or []), runs_dir, name)
+    _train(session, quiet)
 
 
-def _train(cfg: config_mod.Config, run_dir: Path, backend, run: store.Run, dd, quiet: bool) -> None:
+def _train(session: lifecycle.Session, quiet: bool) -> None:
     """Train a claimed run to its end and print its summary; each way it can stop is one line on
     stderr and its exit code (typer.Exit), with the run's record kept true."""
+    run_dir, run = session.run_dir, session.run
+    if session.note:
+        say(session.note)
     reporter = Reporter(console, quiet)
     try:
-        train.fit(cfg, run_dir, backend, run, dd, reporter)
+        lifecycle.train(session, reporter)
     except train.Interrupted as e:
-        reporter.close()
         err_console.print(f"interrupted after epoch {run.epochs_done}; resume with: scoretrain fit --resume {run_dir}",
                           soft_wrap=True, markup=False)  # one line, however long the path
         raise typer.Exit(128 + e.signum) from None
     except train.Diverged as e:
-        reporter.close()
         say(f"error: {run_dir}: {e}; run marked failed, epoch {run.epochs_done} kept")
         raise typer.Exit(1) from None
     except train.CheckpointError as e:
-        reporter.close()
         what = f"{e.stopped}, and run.h5 could not record it" if e.stopped else f"cannot write the checkpoint of epoch {run.epochs_done}"
         say(f"error: {run_dir}: {what}: {e}; run.h5 keeps epoch {e.kept}: make room, then resume with: scoretrain fit --resume {run_dir}")
         raise typer.Exit(1) from None
     except Exception as e:  # out of memory, a fault: train.fit marked the run failed and kept its last epoch
-        reporter.close()
-        say(f"error: {run_dir}: {train.failure(e)} in epoch {run.epochs_saved + 1}; run marked failed, epoch {run.epochs_saved} kept")
+        say(f"error: {run_dir}: {failure(e)} in epoch {run.epochs_saved + 1}; run marked failed, epoch {run.epochs_saved} kept")
         raise typer.Exit(1) from None
-    finally:
-        reporter.close()
-        store.release(run_dir)
     summary(console, run_dir, run)
     if console.closed:  # `fit ... | head`: the reader left, the run did not
         say(f"stdout was closed; the run trained on to the end: {run_dir} is {run.attrs['status']} after {run.epochs_done} epochs")
-
-
-def _resumed(run_dir: Path, locked: bool = False):
-    """(cfg, backend, data, run) to go on with an interrupted run. The spec is the one run.h5
-    records; config.yaml may change the train keys and the device (e.g. more epochs), but not
-    the seed, data or model, which would silently make another experiment of the same run."""
-    store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
-    if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-        backend, dd, run = api.prepare(cfg)
-    else:
-        run, recorded = store.open_run(run_dir, with_optimizer=True)
-        cfg = recorded
-        if (run_dir / store.CONFIG_FILE).is_file():
-            cfg = config_mod.load(run_dir / store.CONFIG_FILE)
-            changed = config_mod.differences(cfg, recorded, sections=("seed", "data", "model"))
-            if changed:
-                key, new, old = changed[0]
-                raise ConfigError(f"{run_dir / store.CONFIG_FILE}: {key} is {new!r}, but the run was trained with {old!r} "
-                                  "(as run.h5 records): the seed, data and model cannot change on resume; restore it, or start a new run")
-        train.check_resumable(run, run_dir, locked)
-        backend = resolve(cfg.device)
-        dd = train.load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-        train.check_memory(cfg, backend, dd)
-        load_kernels(backend.xp)
-        if cfg.train.tensorboard:
-            tensorboard.writer_class()  # missing: one line before anything changes
-        run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
-        env, before = environment.describe(backend), store.environments(run)
-        changed = environment.differences(before[-1], env) if before else []
-        if changed:  # the same code and seed can give other bits on other libraries
-            say(f"note: {run_dir} resumes on other libraries than it trained on ({'; '.join(changed)}): "
-                f"epochs {run.epochs_done + 1}.. may differ in their bits from an uninterrupted run")
-        store.record_environment(run, env)
-    try:
-        if not (run_dir / store.CONFIG_FILE).is_file():
-            store.write_config(run_dir, config_mod.dump(cfg))
-        store.save(run_dir, run)
-    except OSError as e:
-        raise RunError(f"{run_dir}: cannot write run.h5: {train.os_reason(e)}; the run is as it was (epoch {run.epochs_saved or 0})") from None
-    return cfg, backend, dd, run
 
 
 @app.command()
@@ -216,7 +165,7 @@ def sweep(
     ones; two sweep commands over one folder never train a run twice. Compare the results with
     `scoretrain compare SWEEP_DIR --group-by model.k`.
     """
-    from . import sweep as sweep_mod
+    from .commands import sweep as sweep_mod
 
     if status is not None:
         if config is not None or grid:
@@ -287,8 +236,8 @@ def _sweep_table(sweep_dir: Path, record, names) -> dict:
     """The runs of a sweep and their state, from the run store; returns name -> state."""
     from rich.text import Text
 
-    from . import sweep as sweep_mod
-    from .compare import STATUS_STYLE, print_wide
+    from .commands import sweep as sweep_mod
+    from .commands.compare import STATUS_STYLE, print_wide
 
     states = {n: sweep_mod.state(Path(sweep_dir) / n) for n in names}
     t = Table(show_edge=False, pad_edge=False)
@@ -309,7 +258,7 @@ def _sweep_table(sweep_dir: Path, record, names) -> dict:
 def _run_pool(sweep_dir: Path, plan, names: list[str], jobs: int, gpu_ids) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import sweep as sweep_mod
+    from .commands import sweep as sweep_mod
 
     total = len(names)
     live = console.is_terminal
@@ -341,7 +290,7 @@ def _follow(sweep_dir: Path, plan, active) -> None:
     """--wait: a progress bar of the runs done, from the run store, until `active()` is false."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import sweep as sweep_mod
+    from .commands import sweep as sweep_mod
 
     with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as progress:
@@ -360,29 +309,13 @@ def sweep_worker(
 ) -> None:
     """One run of a sweep, as `sweep` starts it: trained unless it is completed or failed, or
     another process trains it now (then skipped); resumed where it was interrupted."""
-    from . import sweep as sweep_mod
+    from .commands import sweep as sweep_mod
 
-    record = sweep_mod.read(sweep_dir)
-    cfg = record.config(name)
-    run_dir = Path(sweep_dir) / name
-    what = sweep_mod.take(sweep_dir, name)
-    if what is None:
-        say(f"{run_dir}: another process trains this run; skipped")
+    session, skipped = sweep_mod.work(Path(sweep_dir), name)
+    if session is None:
+        say(skipped)
         return
-    try:
-        if what == "skip":
-            say(f"{run_dir}: already {sweep_mod.state(run_dir)[0]}; skipped")
-            store.release(run_dir)
-            return
-        if what == "resume":
-            cfg, backend, dd, run = _resumed(run_dir, locked=True)
-        else:
-            backend, dd, run = api.prepare(cfg)
-            api.begin(cfg, run_dir, run)
-    except BaseException:
-        store.release(run_dir)
-        raise
-    _train(cfg, run_dir, backend, run, dd, quiet=True)
+    _train(session, quiet=True)
 
 
 def warn_edited(run_dir: Path, note: str | None) -> None:
@@ -402,7 +335,7 @@ def bench(
                             "of configs/mnist_NET.yaml, split by layer kind and phase."),
 ) -> None:
     """Measure seconds per epoch and samples/s of edge-popup and dense training (a benchmark, not a test)."""
-    from . import bench as bench_mod  # only this command needs it
+    from .commands import bench as bench_mod  # only this command needs it
 
     if net not in bench_mod.NETS:
         raise ConfigError(f"--net: expected one of {', '.join(bench_mod.NETS)}, got {net!r}")
@@ -411,7 +344,7 @@ def bench(
         cfg = bench_mod.recipe(net)
     writable_file(json_path, "--json")  # before the benchmark, not after minutes of it
     backend = resolve(device)
-    dd = train.load_data(cfg, backend)
+    dd = load_data(cfg, backend)
     if net == "mlp":
         results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
     else:
@@ -419,7 +352,7 @@ def bench(
     try:
         store.write_atomic(json_path, lambda p: p.write_text(json.dumps(results, indent=1)))
     except OSError as e:
-        raise ScoretrainError(f"{json_path}: cannot write the figures ({train.os_reason(e)}); they are printed above") from None
+        raise ScoretrainError(f"{json_path}: cannot write the figures ({os_reason(e)}); they are printed above") from None
     console.print(f"figures written to {json_path}")
 
 
@@ -478,13 +411,13 @@ def compare(
     not readable is an error (exit 1) when named itself; inside a folder of runs it is listed with
     status unreadable (the reason in --csv/--json and on stderr), and the others are still shown.
     """
-    from . import compare as compare_mod
+    from .commands import compare as compare_mod
 
     if as_csv and as_json:
         raise ConfigError("--csv and --json: choose one")
     compare_mod.sort_rows([], sort)  # refuses an unknown --sort before any file is read
     if plot is not None:
-        from . import plot as plot_mod
+        from .commands import plot as plot_mod
 
         plot_mod.check(plot)  # likewise a bad file name, or no matplotlib
     keys = compare_mod.check_keys([k.strip() for k in group_by.split(",")]) if group_by is not None else ()
@@ -508,7 +441,7 @@ def compare(
 
 
 def _compare_groups(rows: list[dict], keys: tuple, as_csv: bool, as_json: bool, plot: Optional[Path]) -> None:
-    from . import compare as compare_mod
+    from .commands import compare as compare_mod
 
     for row in rows:
         if row["error"]:
@@ -521,7 +454,7 @@ def _compare_groups(rows: list[dict], keys: tuple, as_csv: bool, as_json: bool, 
     else:
         compare_mod.print_wide(console, compare_mod.group_table(grouped, keys))
     if plot is not None:
-        from . import plot as plot_mod
+        from .commands import plot as plot_mod
 
         plot_mod.plot_groups(grouped, keys, plot)
         say(f"plot written to {plot}")
@@ -534,7 +467,7 @@ def inspect_(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Per layer: kept fraction, how far the mask moved, score statistics, sign balance of the kept weights."""
-    from . import inspect_run
+    from .commands import inspect_run
 
     report = inspect_run.inspect(run_dir)
     warn_edited(run_dir, report["config_edited"])
@@ -554,7 +487,7 @@ def export(
                                "in torch.nn.utils.prune's names and layouts: <layer>.weight_orig, <layer>.weight_mask, BatchNorm's running stats)."),
 ) -> None:
     """Write the subnetwork as plain masked weight arrays + architecture in one .npz or .safetensors file, or as an ONNX model (docs/run-format.md)."""
-    from . import export as export_mod
+    from .commands import export as export_mod
 
     out, edited = export_mod.export(run_dir, to, force, layout)
     warn_edited(run_dir, edited)
@@ -562,9 +495,27 @@ def export(
     console.print(f"{to}: {sum(k.startswith('weight_') for k in out)} weight layers, {n:,} nonzero weights", soft_wrap=True, markup=False)
 
 
+# ----------------------------------------------------------------------------- scoretrain config
+
+config_app = typer.Typer(no_args_is_help=True, help="The experiment spec, resolved (docs/spec.md explains each key).")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Path = typer.Argument(..., help="Experiment spec (YAML), e.g. configs/mnist_fc.yaml.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, as for fit.", show_default=False),
+) -> None:
+    """Print the spec a `fit` of CONFIG with these overrides would train (defaults filled in, validated), without training."""
+    emit(config_mod.show(config_mod.load(config, overrides or [])))
+
+
+app.add_typer(config_app, name="config")
+
+
 # ----------------------------------------------------------------------------- scoretrain data
 
-from . import data as data_mod  # noqa: E402 - kept with the commands that use it
+from .data import datasets as data_mod  # noqa: E402 - kept with the commands that use it
 
 data_app = typer.Typer(no_args_is_help=True, help="Download, verify and list the datasets.")
 

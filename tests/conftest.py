@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 # A few hundred real MNIST images: enough for the training loop to learn something.
@@ -118,7 +118,7 @@ runner = CliRunner()
 HOOK = r"""
 import os, sys, time
 from pathlib import Path
-from scoretrain import progress
+from scoretrain.run import progress
 from scoretrain.cli import main
 
 hook, at = Path(os.environ["ST_HOOK"]), os.environ["ST_PAUSE"].split()

@@ -1,13 +1,16 @@
-"""The Python API (api.py): scoretrain.fit trains what `scoretrain fit` trains, bit for bit, and
-scoretrain.open_run reads a run as the commands do, as NumPy arrays."""
+"""The Python API (api.py): scoretrain.fit and scoretrain.resume train what `scoretrain fit` (and
+`fit --resume`) train, bit for bit, and scoretrain.open_run reads a run as the commands do, as
+NumPy arrays."""
+
+import os
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import scoretrain
-from conftest import FC, SMALL
-from scoretrain import store
+from conftest import FC, SMALL, assert_identical, stopped_run
+from scoretrain.run import store
 from scoretrain.cli import app
 from scoretrain.errors import ConfigError, RunError
 
@@ -61,3 +64,21 @@ def test_bad_input_raises_the_commands_one_line_error_and_leaves_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RunError, match="no such run directory"):
         scoretrain.open_run(tmp_path / "missing")
+
+
+def test_the_api_resumes_an_interrupted_run_to_the_uninterrupted_runs_bits(tmp_path, small, reference):
+    run_dir = stopped_run(tmp_path, small)  # a real `fit` process, stopped by SIGTERM after epoch 1
+    assert scoretrain.open_run(run_dir).status == "interrupted"
+    run = scoretrain.resume(run_dir)
+    assert isinstance(run, scoretrain.RunRecord) and run.status == "completed"
+    assert_identical(run_dir, reference("sgd"))
+    with pytest.raises(RunError, match="already completed .*laid out over 4 epochs.*larger train.epochs"):
+        scoretrain.resume(run_dir)  # a completed run is not extended: its schedule was laid out over its epochs
+    assert os.path.realpath(run_dir) not in store._claims  # the refusal released the run's lock
+
+
+def test_the_public_api_is_what_dir_lists():
+    names = [n for n in dir(scoretrain) if not n.startswith("_")]
+    assert names == ["RunRecord", "fit", "measure", "open_run", "open_ticket", "resume"]
+    for name in names:
+        assert callable(getattr(scoretrain, name))

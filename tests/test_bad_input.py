@@ -14,7 +14,8 @@ import h5py
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import backend, data
+from scoretrain.kernels import backend
+from scoretrain.data import datasets as data
 from scoretrain.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""BatchNorm's sums hold their precision (issue 20): every layer's float32 gradient of a full
+"""BatchNorm's sums hold their precision: every layer's float32 gradient of a full
 training step is within 1e-3 (relative, in the norm) of the same step computed in float64, for
 resnet20, resnet18 and wrn28 on 128 real MNIST images. Each BatchNorm channel sums N x H x W =
 100,352 terms there; summed in float32 those were 2-8% off (the test fails so before the fix).
@@ -10,11 +10,11 @@ elements of a million: ~1e-3 of the norm each), which is no error in the sums.""
 import numpy as np
 import pytest
 
-from scoretrain import data
-from scoretrain.config import ModelConfig
-from scoretrain.layers import ReLU, walk
-from scoretrain.model import Network, cross_entropy, init_network
-from strict_cupy import StrictCupy
+from scoretrain.data import datasets as data
+from scoretrain.run.config import ModelConfig
+from scoretrain.nn.layers import ReLU, walk
+from scoretrain.nn.model import Network, cross_entropy, init_network
+from support.strict_cupy import StrictCupy
 
 TOLERANCE = 1e-3
 

@@ -19,7 +19,7 @@ import pytest
 
 from typer.testing import CliRunner
 
-from scoretrain import data
+from scoretrain.data import datasets as data
 from scoretrain.cli import app
 from scoretrain.errors import DataError
 

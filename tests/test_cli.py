@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -40,8 +40,8 @@ def test_fit_writes_a_complete_run_and_eval_reproduces_it(tmp_path, small):
 
 
 def test_weights_never_change_in_edge_popup_and_do_in_dense(tmp_path, small):
-    from scoretrain.config import ModelConfig
-    from scoretrain.model import init_network
+    from scoretrain.run.config import ModelConfig
+    from scoretrain.nn.model import init_network
 
     assert fit(tmp_path, *small, "--name", "ep").exit_code == 0
     assert fit(tmp_path, *small, "model.method=dense", "--name", "dense").exit_code == 0
@@ -116,7 +116,21 @@ def test_every_method_and_arch_is_reproduced_by_eval(tmp_path, small, variant):
 
 
 def test_the_gpu_install_hint_matches_the_driver():
-    from scoretrain.backend import extra_for
+    from scoretrain.kernels.backend import extra_for
 
     assert extra_for(12080) == "scoretrain[cuda12]" and extra_for(13000) == "scoretrain[cuda13]"
     assert "cuda12] or scoretrain[cuda13]" in extra_for(None) and "nvidia-smi" in extra_for(11080)
+
+
+def test_config_show_prints_the_spec_fit_would_train_and_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["config", "show", FC, "model.k=0.3", "train.epochs=3"])
+    assert result.exit_code == 0, result.output
+    from scoretrain.run import config
+
+    shown = config.from_text(result.output, "the shown spec")
+    assert shown == config.load(FC, ["model.k=0.3", "train.epochs=3"])  # the resolved spec, defaults filled in
+    assert shown.model.k == 0.3 and shown.train.epochs == 3 and shown.train.lr == config.load(FC).train.lr
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+    bad = runner.invoke(app, ["config", "show", FC, "model.k=2"])
+    assert bad.exit_code == 2 and "model.k" in bad.output  # validated as fit validates it

@@ -13,7 +13,7 @@ import h5py
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 runner = CliRunner()

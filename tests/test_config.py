@@ -2,7 +2,7 @@
 
 import pytest
 
-from scoretrain import config
+from scoretrain.run import config
 from scoretrain.errors import ConfigError
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_every_shipped_config_is_a_valid_spec(path):
 def test_the_low_density_config_keeps_10036_of_266200_weights(tmp_path):
     from typer.testing import CliRunner
 
-    from scoretrain import store
+    from scoretrain.run import store
     from scoretrain.cli import app
 
     args = ["data.train_samples=500", "data.test_samples=200", "train.epochs=1", "model.k_warmup_epochs=1", "device=cpu"]

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cuda_executor
-from scoretrain import cli, kernels, optim, store
-from scoretrain.backend import Backend
-from scoretrain.config import TrainConfig
-from scoretrain.radix_select import CHUNK, MODEL, RadixTopK
-from strict_cupy import Graph, StrictCupy, allowing_reads
+from support import cuda_executor
+from scoretrain import cli
+from scoretrain.kernels import loops as kernels
+from scoretrain.nn import optim
+from scoretrain.run import store
+from scoretrain.kernels.backend import Backend
+from scoretrain.run.config import TrainConfig
+from scoretrain.kernels.radix_select import CHUNK, MODEL, RadixTopK
+from support.strict_cupy import Graph, StrictCupy, allowing_reads
 from test_radix_select import problem, scores, stable_topk
 
 pytestmark = pytest.mark.skipif(shutil.which(cuda_executor.CXX) is None, reason="no C++ compiler (g++) for the CUDA executor")
@@ -162,7 +165,7 @@ def test_col2im_gives_the_numba_loops_bits(k, stride, pad, shape):
 def test_cross_entropy_is_within_its_bound_of_the_array_code_and_the_same_for_every_seed(n, c):
     """Within 1e-6 of the loss (relative) and 1e-6 of dL/dlogits (relative to its largest
     element): expf/logf's last bits and the order of the sums; the number correct exactly."""
-    from scoretrain.model import cross_entropy
+    from scoretrain.nn.model import cross_entropy
 
     rng = np.random.default_rng(n + c)
     logits = (rng.standard_normal((n, c)) * 4).astype(np.float32)
@@ -342,12 +345,13 @@ def fit(tmp_path, name, args, monkeypatch=None, exact_loss=False):
     """`scoretrain fit` through the CLI; on the GPU, the stand-in with the executor as CuPy. With
     exact_loss the GPU side computes the loss with the array code (int32 labels: not the kernel's)."""
     if monkeypatch is not None:
-        from scoretrain import api, model, train
+        from scoretrain.nn import model
+        from scoretrain.run import lifecycle, step
 
         xp = StrictCupy()
-        monkeypatch.setattr(api, "resolve", lambda device: Backend(xp, "gpu:0"))  # where fit resolves its device
+        monkeypatch.setattr(lifecycle, "resolve", lambda device: Backend(xp, "gpu:0"))  # where fit resolves its device
         if exact_loss:
-            monkeypatch.setattr(train, "cross_entropy", lambda xp, logits, y, grad=True: model.cross_entropy(xp, logits, y.astype(np.int32), grad))
+            monkeypatch.setattr(step, "cross_entropy", lambda xp, logits, y, grad=True: model.cross_entropy(xp, logits, y.astype(np.int32), grad))
     with allowing_reads():
         result = CliRunner().invoke(cli.app, ["fit", *args, "--runs-dir", str(tmp_path), "--name", name, "-q"])
     assert result.exit_code == 0, result.output

@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from scoretrain import data
+from scoretrain.data import datasets as data
 from scoretrain.errors import DataError
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import data
+from scoretrain.data import datasets as data
 from scoretrain.cli import app
 from scoretrain.errors import DataError
 
@@ -175,7 +175,7 @@ def test_a_download_shows_bytes_rate_and_time_left_on_a_terminal_only(mirror_ser
 
     from rich.console import Console
 
-    from scoretrain.data import DownloadBar
+    from scoretrain.data.datasets import DownloadBar
 
     mirror_server.files["blob.gz"] = bytes(range(256)) * 12_000  # 3.1 MB: several chunks
     out = io.StringIO()

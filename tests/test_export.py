@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,14 +205,14 @@ def test_the_loader_in_the_docs_works(trained, tmp_path, monkeypatch):
 
 def scoretrain_logits(run_dir):
     """The stored subnetwork's logits on the run's test split, as `eval` computes them."""
-    from scoretrain import train
-    from scoretrain.backend import Backend
+    from scoretrain.run import resources
+    from scoretrain.kernels.backend import Backend
 
     run, cfg = store.open_run(run_dir)
     cpu = Backend(np, "cpu")
-    dd = train.load_data(cfg, cpu, run.attrs["input_mean"], run.attrs["input_std"])
-    net = train.network(cfg, cpu, run.weights, run.scores, run.norms)
-    return net.logits(dd.x_test, train.stored_subnetwork(net, run.masks))
+    dd = resources.load_data(cfg, cpu, run.attrs["input_mean"], run.attrs["input_std"])
+    net = resources.network(cfg, cpu, run.weights, run.scores, run.norms)
+    return net.logits(dd.x_test, resources.stored_subnetwork(net, run.masks))
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet", "resnet20-affine"])  # affine BN: the non-affine graph's, with gamma and beta

@@ -27,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FC, TIMEOUT, args_of, assert_identical, start, stopped_run, wait_paused
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,13 +7,14 @@ import warnings
 import numpy as np
 import pytest
 
-from scoretrain import data, optim
-from scoretrain.backend import resolve
-from scoretrain.config import ModelConfig, TrainConfig
+from scoretrain.data import datasets as data
+from scoretrain.nn import optim
+from scoretrain.kernels.backend import resolve
+from scoretrain.run.config import ModelConfig, TrainConfig
 from scoretrain.errors import DeviceError
-from scoretrain.methods import topk_mask
-from scoretrain.model import Network, init_network
-from scoretrain.train import train_step
+from scoretrain.nn.methods import topk_mask
+from scoretrain.nn.model import Network, init_network
+from scoretrain.run.step import train_step
 
 try:
     GPU, WHY = resolve("gpu"), ""
@@ -48,8 +49,8 @@ def test_the_cuda_radix_select_gives_its_cpu_models_masks_and_a_stable_sorts(kin
     from test_radix_select import problem
     from test_radix_select import stable_topk as stable_topk_of_bits
 
-    from scoretrain import kernels
-    from scoretrain.radix_select import MODEL, RadixTopK
+    from scoretrain.kernels import loops as kernels
+    from scoretrain.kernels.radix_select import MODEL, RadixTopK
 
     cp = GPU.xp
     groups, x, w, _ = problem(kind)
@@ -107,7 +108,7 @@ def test_cuda_optimizer_kernels_give_the_bits_of_the_cpu_loops(opt):
 
 @pytest.mark.gpu
 def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
-    from scoretrain.methods import straight_through
+    from scoretrain.nn.methods import straight_through
 
     cp = GPU.xp
     rng = np.random.default_rng(0)
@@ -121,7 +122,7 @@ def test_cuda_straight_through_kernel_gives_the_bits_of_the_cpu_loop():
 
 @pytest.mark.gpu
 def test_cuda_relu_and_col2im_kernels_give_the_bits_of_the_cpu():
-    from scoretrain.layers import Conv2d, ReLU
+    from scoretrain.nn.layers import Conv2d, ReLU
 
     cp = GPU.xp
     rng = np.random.default_rng(1)
@@ -146,7 +147,7 @@ def test_cuda_relu_and_col2im_kernels_give_the_bits_of_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, c", [(128, 10), (1000, 10), (37, 100)])
 def test_cuda_cross_entropy_kernel_matches_the_array_code_and_repeats(n, c):
-    from scoretrain.model import cross_entropy
+    from scoretrain.nn.model import cross_entropy
 
     cp = GPU.xp
     rng = np.random.default_rng(n)
@@ -167,8 +168,8 @@ def test_cuda_cross_entropy_kernel_matches_the_array_code_and_repeats(n, c):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["edge-popup", "biprop", "conv", "resnet, BN"])
 def test_the_cuda_graph_replay_gives_the_bits_of_the_step_run_as_it_is(variant):
-    """train.CapturedStep on a real GPU, as tests/test_graph.py checks it on the simulation."""
-    from scoretrain.train import CapturedStep, EagerStep
+    """step.CapturedStep on a real GPU, as tests/test_graph.py checks it on the simulation."""
+    from scoretrain.run.step import CapturedStep, EagerStep
     from test_graph import REPLAYED, assert_same, train
 
     eager = train(REPLAYED[variant], lambda net, opt, xp: EagerStep(net, opt), xp=GPU.xp)
@@ -286,7 +287,7 @@ SORT_SYNC = pytest.mark.xfail(reason="cupy.partition -> Thrust sort synchronizes
 
 
 def loop_body(method, n_batches, batch=64):
-    """train._epochs' batch loop body (gather a batch, augment it, one step, accumulate the loss),
+    """train.Loop.train_epoch's batch loop body (gather a batch, augment it, one step, accumulate the loss),
     on the GPU, as a function of the batch number."""
     cp = GPU.xp
     cfg = ModelConfig(method=method, widths=[784, 256, 128, 10], k=0.4)

@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FC, assert_identical, stopped_run
-from scoretrain import optim
+from scoretrain.nn import optim, reference
 from scoretrain.cli import app
-from scoretrain.config import ModelConfig, TrainConfig
-from scoretrain.methods import kept_count
-from scoretrain.model import Network, init_network, score_shape
-from scoretrain.train import train_step
+from scoretrain.run.config import ModelConfig, TrainConfig
+from scoretrain.nn.methods import kept_count
+from scoretrain.nn.model import Network, init_network, score_shape
+from scoretrain.run.step import train_step
 from test_model import ForeignNumpy, analytic, numeric_grad, problem
 
 runner = CliRunner()
@@ -39,8 +39,11 @@ def test_the_top_k_keeps_exactly_k_of_the_units_and_all_of_their_weights(granula
         np.testing.assert_array_equal(m, np.broadcast_to(u, m.shape))  # a unit is kept or pruned whole
         if k_scope == "layer":
             assert u.sum() == kept_count(0.3, sc.size)
+            np.testing.assert_array_equal(u, reference.topk_mask(sc, 0.3))  # the units' top-k, ties included
     if k_scope == "global":
         assert sum(u.sum() for u in units) == kept_count(0.3, sum(sc.size for sc in net.scores))
+        np.testing.assert_array_equal(np.concatenate([u.ravel() for u in units]),
+                                      reference.topk_mask(np.concatenate([sc.ravel() for sc in net.scores]), 0.3))
     for u, sc in zip(units, net.scores):  # by |score|: every kept unit outranks every pruned one of its layer
         if u.any() and (~u).any():
             assert np.abs(sc[u]).min() >= np.abs(sc[~u]).max()  # one threshold per group, global too
@@ -66,7 +69,7 @@ def test_a_units_gradient_is_the_straight_through_gradient_summed_over_its_weigh
             np.testing.assert_allclose(g[alive], num[alive], rtol=1e-5, atol=1e-8, err_msg=f"dL/dW_eff, layer {layer}")
         factor = w if method == "edge-popup" else net.method.alphas[layer] * np.sign(w)
         axes = tuple(i for i, n in enumerate(s.shape) if n == 1 and w.shape[i] != 1)
-        expected = (g * factor).sum(axis=axes, keepdims=True) * np.sign(s)
+        expected = reference.backward(g, factor).sum(axis=axes, keepdims=True) * np.sign(s)
         np.testing.assert_allclose(net.score_grads[layer], expected, rtol=1e-12, atol=1e-15, err_msg=f"layer {layer}")
         assert alive.any() and np.abs(net.score_grads[layer]).sum() > 0
 

@@ -1,4 +1,4 @@
-"""The training step replayed as a CUDA graph (train.CapturedStep), on the strict CuPy stand-in's
+"""The training step replayed as a CUDA graph (step.CapturedStep), on the strict CuPy stand-in's
 graph simulation (strict_cupy.py): a replay re-runs what the capture recorded, on the same
 arrays, with the host values of the capture. Every method and optimizer that CapturedStep
 replays gives the bits of the same steps run as they are; the ones it does not replay would
@@ -7,12 +7,14 @@ not (the simulation sees their frozen host state), and a capture that fails fall
 import numpy as np
 import pytest
 
-from scoretrain import data, optim
-from scoretrain.backend import Backend
-from scoretrain.config import Config, ModelConfig, TrainConfig
-from scoretrain.model import Network, init_network
-from scoretrain.train import CapturedStep, EagerStep, enter_epoch, stepper
-from strict_cupy import CaptureError, StrictCupy
+from scoretrain.data import datasets as data
+from scoretrain.nn import optim
+from scoretrain.kernels.backend import Backend
+from scoretrain.run.config import Config, ModelConfig, TrainConfig
+from scoretrain.nn.model import Network, init_network
+from scoretrain.run.step import CapturedStep, EagerStep, stepper
+from scoretrain.run.train import enter_epoch
+from support.strict_cupy import CaptureError, StrictCupy
 
 REPLAYED = {
     "edge-popup": {}, "dense": dict(method="dense"), "biprop": dict(method="biprop"), "global k": dict(k_scope="global"),

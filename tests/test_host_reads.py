@@ -5,11 +5,13 @@ arrays, so a plain NumPy run cannot see a read that would synchronize the GPU ev
 import numpy as np
 import pytest
 
-from scoretrain import data, optim
-from scoretrain.config import Config, ModelConfig, TrainConfig
-from scoretrain.model import Network, init_network
-from scoretrain.train import enter_epoch, train_step
-from strict_cupy import DeviceArray, HostRead, StrictCupy
+from scoretrain.data import datasets as data
+from scoretrain.nn import optim
+from scoretrain.run.config import Config, ModelConfig, TrainConfig
+from scoretrain.nn.model import Network, init_network
+from scoretrain.run.step import train_step
+from scoretrain.run.train import enter_epoch
+from support.strict_cupy import DeviceArray, HostRead, StrictCupy
 
 VARIANTS = {
     "edge-popup": {}, "biprop": dict(method="biprop"), "supermask": dict(method="supermask"), "dense": dict(method="dense"),
@@ -34,7 +36,7 @@ def test_the_stand_in_refuses_host_reads_and_keeps_0d_results_on_the_device():
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_training_step_reads_nothing_back(variant, optimizer):
-    """train._epochs' batch loop body (gather, augment, one step, accumulate the loss) raises no
+    """train.Loop.train_epoch's batch loop body (gather, augment, one step, accumulate the loss) raises no
     HostRead; the network's tensors stay device arrays."""
     xp = StrictCupy()
     cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.4, **VARIANTS[variant])

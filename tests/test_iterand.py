@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import FC, assert_identical, stopped_run
-from scoretrain import optim, store
-from scoretrain.config import ModelConfig, TrainConfig
-from scoretrain.model import Network, init_network
-from scoretrain.train import train_step
+from scoretrain.nn import optim
+from scoretrain.run import store
+from scoretrain.run.config import ModelConfig, TrainConfig
+from scoretrain.nn.model import Network, init_network
+from scoretrain.run.step import train_step
 from test_model import ForeignNumpy
 
 CFG = ModelConfig(method="iterand", widths=[784, 64, 32, 10], k=0.3, rerand_freq=3, rerand_rate=0.25, init="kaiming_normal")

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FC, assert_identical, stopped_run
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
-from scoretrain.methods import k_at, kept_count
+from scoretrain.nn.methods import k_at, kept_count
 
 runner = CliRunner()
 WARM = ["model.k=0.1", "model.k_warmup_epochs=3"]

@@ -7,17 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scoretrain.config import ModelConfig
-from scoretrain.methods import kept_count, topk_mask
-from scoretrain.model import Network, build_layers, cross_entropy, init_network
-
-
-def stable_topk(a, k):
-    """Reference: the first k of a stable descending sort (ties -> lower index first)."""
-    order = np.argsort(-a.ravel(), kind="stable")
-    mask = np.zeros(a.size, dtype=bool)
-    mask[order[:k]] = True
-    return mask.reshape(a.shape)
+from scoretrain.run.config import ModelConfig
+from scoretrain.nn import reference
+from scoretrain.nn.methods import kept_count, topk_mask
+from scoretrain.nn.model import Network, build_layers, cross_entropy, init_network
 
 
 class ForeignNumpy:
@@ -33,7 +26,7 @@ def test_topk_matches_sort_on_random_scores(n, k):
     a = np.abs(np.random.default_rng(n + k).standard_normal(n)).astype(np.float32)
     mask, _ = topk_mask(np, a, k)
     assert mask.sum() == k
-    np.testing.assert_array_equal(mask, stable_topk(a, k))
+    np.testing.assert_array_equal(mask, reference.keep_largest(a, k))
 
 
 @pytest.mark.parametrize("k", [1, 5, 50, 333, 600, 999])
@@ -41,7 +34,7 @@ def test_topk_is_exact_and_deterministic_on_tie_heavy_scores(k):
     a = np.random.default_rng(k).integers(0, 4, size=(30, 40)).astype(np.float32)  # 4 distinct values
     mask, _ = topk_mask(np, a, k)
     assert mask.shape == a.shape and mask.sum() == k
-    np.testing.assert_array_equal(mask, stable_topk(a, k))
+    np.testing.assert_array_equal(mask, reference.keep_largest(a, k))
 
 
 def test_all_equal_scores_keep_the_first_k():
@@ -61,7 +54,7 @@ def test_threshold_hint_changes_speed_never_the_mask(hint_scale):
             hint = None if hint_scale is None else np.float32(exact * hint_scale)
             mask, t = topk_mask(np, a, k, hint)
             assert t == exact and mask.sum() == k
-            np.testing.assert_array_equal(mask, stable_topk(a, k))
+            np.testing.assert_array_equal(mask, reference.keep_largest(a, k))
 
 
 def test_hint_from_the_last_step_stays_exact_as_scores_move():
@@ -73,14 +66,14 @@ def test_hint_from_the_last_step_stays_exact_as_scores_move():
         s += rng.normal(0, 1e-4, s.size).astype(np.float32)
         a = np.abs(s)
         mask, hint = topk_mask(np, a, 25000, hint)
-        np.testing.assert_array_equal(mask, stable_topk(a, 25000))
+        np.testing.assert_array_equal(mask, reference.keep_largest(a, 25000))
 
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 7919])
 def test_score_step_and_settle_are_the_top_k_or_say_they_missed(n):
     """The CPU top-k pass (blocks of 32, a partial last block, spans that start anywhere) for
     bands that hold the k-th largest |x| or not, tie-heavy values included, then settle."""
-    from scoretrain import kernels
+    from scoretrain.kernels import loops as kernels
 
     rng = np.random.default_rng(n)
     for x in (rng.standard_normal(n).astype(np.float32), rng.integers(-3, 4, n).astype(np.float32)):
@@ -102,20 +95,18 @@ def test_score_step_and_settle_are_the_top_k_or_say_they_missed(n):
                 assert (above < k <= above + found) == (lo <= f <= hi)
                 if lo <= f <= hi:
                     assert kernels.settle(x, k, above, index, mask[37:], w, out[37:]) == t
-                    np.testing.assert_array_equal(mask[37:], stable_topk(np.abs(x), k))
+                    np.testing.assert_array_equal(mask[37:], reference.keep_largest(x, k))
                     np.testing.assert_array_equal(out[37:], w * mask[37:])
                 assert tuple(band.counts[0]) == (0, 37)  # the first span, all ones, lies in its band (0, 2)
 
 
 def test_fused_loops_give_the_bits_of_the_numpy_expressions():
-    from scoretrain import kernels
-    from scoretrain.methods import times_sign
+    from scoretrain.kernels import loops as kernels
 
     rng = np.random.default_rng(0)
     g, w, s = (rng.standard_normal(1001).astype(np.float32) for _ in range(3))
     s[:4] = [0.0, -0.0, np.inf, -np.inf]
-    expected = g * w
-    times_sign(np, expected, s, np.empty_like(s))
+    expected = reference.backward(g, w, s)
     kernels.straight_through(g, w, s)
     np.testing.assert_array_equal(g.view(np.uint32), expected.view(np.uint32))  # -0.0 included
     mask = rng.random(1001) < 0.5
@@ -139,10 +130,10 @@ def test_topk_ranks_by_magnitude_on_both_code_paths():
     s = rng.standard_normal(5000).astype(np.float32)
     for hint in (None, np.float32(np.sort(np.abs(s))[-1500] * 1.001)):
         mask, t = topk_mask(np, s, 1500, hint)
-        np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1500))
+        np.testing.assert_array_equal(mask, reference.keep_largest(s, 1500))
         assert t == np.sort(np.abs(s))[-1500]
     mask, _ = topk_mask(ForeignNumpy(), s, 1500)
-    np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1500))
+    np.testing.assert_array_equal(mask, reference.keep_largest(s, 1500))
 
 
 @pytest.mark.parametrize("xp", [np, ForeignNumpy()], ids=["fused", "array-code"])
@@ -153,7 +144,7 @@ def test_topk_keep_writes_the_masked_weights_ties_included(xp):
         for hint in (None, np.float32(1.0)):
             w_out = np.full_like(w, np.nan)
             mask, _ = topk_mask(xp, s, 1000, hint, keep=(w, w_out))
-            np.testing.assert_array_equal(mask, stable_topk(np.abs(s), 1000))
+            np.testing.assert_array_equal(mask, reference.keep_largest(s, 1000))
             np.testing.assert_array_equal(w_out, w * mask)
 
 
@@ -173,7 +164,7 @@ def test_layer_masks_have_exact_sizes():
     w_eff = net.effective_weights()
     for m, we, weight, s in zip(net.masks, w_eff, w, net.scores):
         assert m.sum() == round(0.3 * weight.size)
-        np.testing.assert_array_equal(m, stable_topk(np.abs(s), round(0.3 * weight.size)))
+        np.testing.assert_array_equal(m, reference.topk_mask(s, 0.3))
         np.testing.assert_array_equal(we != 0, m)  # signed-constant weights are never 0 themselves
 
 
@@ -183,7 +174,7 @@ def test_global_scope_keeps_k_of_the_whole_network():
     total = sum(x.size for x in w)
     assert sum(int(m.sum()) for m in net.masks) == round(0.3 * total)
     flat_abs = np.concatenate([np.abs(s).ravel() for s in net.scores])
-    np.testing.assert_array_equal(np.concatenate([m.ravel() for m in net.masks]), stable_topk(flat_abs, round(0.3 * total)))
+    np.testing.assert_array_equal(np.concatenate([m.ravel() for m in net.masks]), reference.topk_mask(flat_abs, 0.3))
     per_layer = [m.mean() for m in net.masks]
     assert max(per_layer) - min(per_layer) > 0.01  # layers keep different fractions
 
@@ -347,8 +338,8 @@ def test_scores_decide_the_mask_not_the_weights():
 
 def test_bench_measures_a_small_case():
     """The benchmark's own code path runs and reports sane figures (a smoke test, not a timing)."""
-    from scoretrain import bench
-    from scoretrain.backend import resolve
+    from scoretrain.commands import bench
+    from scoretrain.kernels.backend import resolve
 
     x = np.random.default_rng(0).standard_normal((512, 28, 28, 1)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 10, 512)
@@ -367,8 +358,8 @@ def test_bench_of_a_shipped_conv_net_splits_the_step_by_layer_kind(tmp_path):
     their layers'. An unknown --net is one line, exit 2."""
     from typer.testing import CliRunner
 
-    from scoretrain import bench
-    from scoretrain.backend import resolve
+    from scoretrain.commands import bench
+    from scoretrain.kernels.backend import resolve
     from scoretrain.cli import app
 
     x = np.random.default_rng(0).standard_normal((300, 28, 28, 1)).astype(np.float32)
@@ -395,7 +386,7 @@ def test_device_topk_branch_is_exact_and_writes_into_a_view(n, k):
     for a in (np.abs(rng.standard_normal(n)).astype(np.float32), rng.integers(0, 4, n).astype(np.float32)):
         buf = np.zeros(n + 10, dtype=bool)  # the mask lands in a view, as in Network's flat m_flat[lo:hi]
         mask, _ = topk_mask(ForeignNumpy(), a, k, out=buf[5 : 5 + n])
-        np.testing.assert_array_equal(mask, stable_topk(a, k))
+        np.testing.assert_array_equal(mask, reference.keep_largest(a, k))
         np.testing.assert_array_equal(buf[5 : 5 + n], mask)
         assert not buf[:5].any() and not buf[5 + n :].any()
 
@@ -406,9 +397,9 @@ def test_device_topk_branch_is_exact_and_writes_into_a_view(n, k):
 def test_device_code_path_trains_bit_identically_to_the_numpy_path(method, arch, k_scope, image):
     """Every `xp is not np` branch, run on NumPy, gives the NumPy path's losses, masks and learned
     tensors bit for bit: the GPU code differs from the CPU code only in where it runs."""
-    from scoretrain import optim
-    from scoretrain.config import TrainConfig
-    from scoretrain.train import train_step
+    from scoretrain.nn import optim
+    from scoretrain.run.config import TrainConfig
+    from scoretrain.run.step import train_step
 
     cfg = ModelConfig(method=method, arch=arch, widths=[784, 64, 32, 10], width=0.125, k=0.4, k_scope=k_scope)
     w, s = init_network(cfg, 0, image)
@@ -430,7 +421,7 @@ def test_device_code_path_trains_bit_identically_to_the_numpy_path(method, arch,
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_times_sign_is_multiplying_by_the_sign(dtype):
-    from scoretrain.methods import times_sign
+    from scoretrain.nn.methods import times_sign
 
     rng = np.random.default_rng(0)
     g, s = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
@@ -443,8 +434,8 @@ def test_times_sign_is_multiplying_by_the_sign(dtype):
                                  dict(optimizer="sgd", weight_decay=0.0), dict(optimizer="adam"), dict(optimizer="adam", weight_decay=0.0)])
 def test_fused_optimizer_updates_give_the_bits_of_the_array_code(opt):
     """optim.py's fused CPU loops against its array code (run as the CuPy path, on NumPy)."""
-    from scoretrain import optim
-    from scoretrain.config import TrainConfig
+    from scoretrain.nn import optim
+    from scoretrain.run.config import TrainConfig
 
     rng = np.random.default_rng(0)
     p0 = [rng.standard_normal(1000).astype(np.float32), rng.standard_normal((7, 9)).astype(np.float32)]
@@ -468,9 +459,9 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
     """Network.update's one loop (methods.FusedScoreStep: straight-through, optimizer, the next
     top-k's pass) against the same step as separate numba loops (no fast path) and as array
     code (the CuPy path)."""
-    from scoretrain import optim
-    from scoretrain.config import TrainConfig
-    from scoretrain.train import train_step
+    from scoretrain.nn import optim
+    from scoretrain.run.config import TrainConfig
+    from scoretrain.run.step import train_step
 
     cfg = ModelConfig(widths=[784, 64, 32, 10], k=0.4, k_scope=k_scope)
     w, s = init_network(cfg, 0)
@@ -499,7 +490,7 @@ def test_fused_edge_popup_step_gives_the_bits_of_the_separate_passes(opt, k_scop
 
 
 def test_the_relu_loop_gives_the_array_codes_bits():
-    from scoretrain.layers import ReLU
+    from scoretrain.nn.layers import ReLU
 
     rng = np.random.default_rng(3)
     y = np.maximum(rng.standard_normal((64, 50)).astype(np.float32), 0)
@@ -513,23 +504,25 @@ def test_the_relu_loop_gives_the_array_codes_bits():
 WARM_UP_PROBE = r"""
 import sys
 import numpy as np
-from scoretrain import config, kernels, optim, train
-from scoretrain.backend import Backend
+from scoretrain.kernels import loops as kernels
+from scoretrain.kernels.backend import Backend
+from scoretrain.nn import optim
+from scoretrain.run import config, resources, step, train
 
 cfg = config.load(sys.argv[1], sys.argv[2:])
 backend = Backend(np, "cpu")
 loops = [f for f in vars(kernels).values() if hasattr(f, "signatures")]
-train.warm_up(cfg, backend)
+step.warm_up(cfg, backend)
 warmed = {f.__name__: len(f.signatures) for f in loops}
-weights, scores = train.initial_tensors(cfg)
-net = train.network(cfg, backend, weights, scores)
+weights, scores = resources.initial_tensors(cfg)
+net = resources.network(cfg, backend, weights, scores)
 opt = optim.make(np, net.params, cfg.train)
 rng = np.random.default_rng(1)
 x, y = rng.standard_normal((256, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 256)
 train.enter_epoch(net, cfg, 0)
 for i in range(0, 256, 32):
-    train.train_step(net, opt, x[i : i + 32], y[i : i + 32], 0.1)
-train.evaluate(net, net.effective_weights(train=False), x, y, 100)
+    step.train_step(net, opt, x[i : i + 32], y[i : i + 32], 0.1)
+step.evaluate(net, net.effective_weights(train=False), x, y, 100)
 added = {f.__name__: len(f.signatures) - warmed[f.__name__] for f in loops if len(f.signatures) > warmed[f.__name__]}
 print(sum(warmed.values()), added)
 """
@@ -540,7 +533,7 @@ print(sum(warmed.values()), added)
                                        ["model.arch=resnet20", "model.width=0.25", "model.bn=nonaffine"]],
                          ids=["sgd", "adam", "dense", "biprop", "global", "supermask", "conv", "resnet"])
 def test_the_warm_up_compiles_every_loop_a_run_calls(overrides):
-    """train.warm_up, in a fresh process: training and measuring the real network afterwards
+    """step.warm_up, in a fresh process: training and measuring the real network afterwards
     compiles no further numba signature, so epoch 1's clock holds no compilation."""
     config_path = str(Path(__file__).resolve().parent.parent / "configs/mnist_fc.yaml")
     proc = subprocess.run([sys.executable, "-c", WARM_UP_PROBE, config_path, *overrides], capture_output=True, text=True, timeout=120)

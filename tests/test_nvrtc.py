@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scoretrain.kernels import CUDA_KERNELS
+from scoretrain.kernels.loops import CUDA_KERNELS
 
 REPO = Path(__file__).resolve().parents[1]
 NVRTC = Path(os.environ.get("SCORETRAIN_NVRTC", REPO / ".venv" / "nvrtc"))

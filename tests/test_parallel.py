@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 from typer.testing import CliRunner
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent

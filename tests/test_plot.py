@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import compare as compare_mod
-from scoretrain import plot as plot_mod
+from scoretrain.commands import compare as compare_mod
+from scoretrain.commands import plot as plot_mod
 from scoretrain.cli import app
 
 runner = CliRunner()

@@ -5,8 +5,8 @@ runs the CUDA kernels against the model where there is a GPU."""
 import numpy as np
 import pytest
 
-from scoretrain.methods import topk_mask
-from scoretrain.radix_select import CHUNK, MODEL, RadixTopK
+from scoretrain.nn.methods import topk_mask
+from scoretrain.kernels.radix_select import CHUNK, MODEL, RadixTopK
 
 
 def stable_topk(x, k):
@@ -87,7 +87,7 @@ def test_the_model_has_a_function_for_every_cuda_kernel_of_the_top_k():
 
     import scoretrain
 
-    source = (Path(scoretrain.__file__).with_name("kernels.cu")).read_text()
+    source = (Path(scoretrain.__file__).parent / "kernels" / "kernels.cu").read_text()
     kernels = re.findall(r"__global__ void (topk_\w+)\(", source)
     assert kernels == ["topk_histogram", "topk_pick", "topk_count_ties", "topk_scan_ties", "topk_mask"]
     assert all(callable(getattr(MODEL, name)) for name in kernels)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scoretrain import layers, store
+from scoretrain.nn import layers
+from scoretrain.run import store
 from scoretrain.cli import app
-from scoretrain.config import ModelConfig
-from scoretrain.layers import BatchNorm, Conv2d, GlobalAvgPool, ResidualBlock, weight_layers
-from scoretrain.model import Network, build_layers, cross_entropy, init_network
+from scoretrain.run.config import ModelConfig
+from scoretrain.nn.layers import BatchNorm, Conv2d, GlobalAvgPool, ResidualBlock, weight_layers
+from scoretrain.nn.model import Network, build_layers, cross_entropy, init_network
 
 from conftest import FC, assert_identical, stopped_run
 
@@ -241,7 +242,7 @@ def test_fit_recalibrates_batchnorm_before_each_measurement(tmp_path):
 
 
 def test_model_bn_is_checked():
-    from scoretrain.config import load
+    from scoretrain.run.config import load
     from scoretrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.bn: expected one of none, nonaffine, affine, got 'learned'"):

@@ -27,10 +27,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import EPOCHS, FC, TIMEOUT, VARIANTS, args_of, assert_identical, resume, start, wait_paused
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
-from scoretrain.config import ModelConfig
-from scoretrain.model import init_network
+from scoretrain.run.config import ModelConfig
+from scoretrain.nn.model import init_network
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.errors import RunError
 
 

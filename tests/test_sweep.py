@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from scoretrain import store
-from scoretrain import sweep as sweep_mod
+from scoretrain.run import store
+from scoretrain.commands import sweep as sweep_mod
 
 from conftest import EPOCHS, SMALL, TIMEOUT, assert_identical
-from slurm_cluster import Cluster, missing
+from support.slurm_cluster import Cluster, missing
 
 FC = "configs/mnist_fc.yaml"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ import os, sys, time
 from pathlib import Path
 if "sweep-worker" in sys.argv and os.environ.get("ST_PAUSE_RUN") in sys.argv:
     hook = Path(os.environ["ST_HOOK"])
-    from scoretrain import progress
+    from scoretrain.run import progress
     end = progress.Reporter.epoch_end
     def epoch_end(self, row, *a, **k):
         end(self, row, *a, **k)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FC, resume, stopped_run
-from scoretrain import store
+from scoretrain.run import store
 from scoretrain.cli import app
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
@@ -53,7 +53,7 @@ def test_a_resumed_run_goes_on_from_its_epoch(tmp_path, small):
 def test_sessions_in_the_same_second_keep_their_own_files_in_epoch_order(tmp_path, monkeypatch):
     """tensorboardX names a file by its second and host alone: a resume within the same second
     must neither overwrite the first session's file nor sort before it."""
-    from scoretrain import tensorboard
+    from scoretrain.run import tensorboard
 
     monkeypatch.setattr("time.time", lambda: 1_800_000_000.0)
     row = dict(epoch=1, lr=0.1, train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=0.5, val_loss=float("nan"),

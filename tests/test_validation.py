@@ -12,8 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FC, assert_identical, stopped_run
-from scoretrain import config, data, store, train
-from scoretrain.backend import Backend
+from scoretrain.run import config, store
+from scoretrain.run.resources import load_data, network
+from scoretrain.run.step import evaluate
+from scoretrain.data import datasets as data
+from scoretrain.kernels.backend import Backend
 from scoretrain.cli import app
 
 runner = CliRunner()
@@ -34,7 +37,7 @@ def test_the_split_is_fixed_disjoint_and_nested():
 
 def test_the_held_out_images_are_neither_trained_on_nor_standardized_with():
     n, v = 3000, 500
-    runs = [train.load_data(config.load(FC, [f"data.train_samples={n}", f"data.val_samples={v}", f"seed={seed}"]), Backend(np, "cpu"))
+    runs = [load_data(config.load(FC, [f"data.train_samples={n}", f"data.val_samples={v}", f"seed={seed}"]), Backend(np, "cpu"))
             for seed in (0, 7)]
     ds = data.load("mnist")
     tr, va = data.validation_split(n, v)
@@ -54,9 +57,9 @@ def test_fit_measures_the_split_every_epoch_and_compare_selects_by_it(tmp_path, 
     m = run.metrics
     assert len(m["val_acc"]) == 3 and all(0.1 < a <= 1 for a in m["val_acc"]) and all(math.isfinite(x) for x in m["val_loss"])
     # the recorded figure is the stored network measured on the held-out images
-    dd = train.load_data(cfg, Backend(np, "cpu"), run.attrs["input_mean"], run.attrs["input_std"])
-    net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores)
-    loss, acc = train.evaluate(net, net.subnetwork(run.masks), dd.x_val, dd.y_val, cfg.train.eval_batch_size)
+    dd = load_data(cfg, Backend(np, "cpu"), run.attrs["input_mean"], run.attrs["input_std"])
+    net = network(cfg, Backend(np, "cpu"), run.weights, run.scores)
+    loss, acc = evaluate(net, net.subnetwork(run.masks), dd.x_val, dd.y_val, cfg.train.eval_batch_size)
     assert (loss, acc) == (m["val_loss"][-1], m["val_acc"][-1])
     row = json.loads(cli("compare", tmp_path / "v", "--json").stdout)[0]
     best = int(np.argmax(m["val_acc"]))  # the first best epoch

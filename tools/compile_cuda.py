@@ -25,7 +25,7 @@ def main(archs: list[str]) -> int:
     import cupy._core.core as core
     from cupy.cuda import compiler
 
-    from scoretrain.kernels import CUDA_KERNELS, CUDA_LIBM_KERNELS, CUDA_OPTIONS, CUDA_SOURCE
+    from scoretrain.kernels.loops import CUDA_KERNELS, CUDA_LIBM_KERNELS, CUDA_OPTIONS, CUDA_SOURCE
 
     source = CUDA_SOURCE.read_text()
     # RawModule -> compile_with_cache: CuPy's options, then _compile_with_cache_cuda adds -ftz=true

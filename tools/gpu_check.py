@@ -13,7 +13,7 @@ the GPU tests). In order, each with its own time limit:
   4. `scoretrain eval` of the GPU run on both devices.
 
 It writes report.md and report.json into --out (default gpu-check/): each step's command, exit
-status, seconds and figures, and the targets of issue 13 (mnist_fc <= 0.10 s/epoch at batch 128,
+status, seconds and figures, and the GPU targets (mnist_fc <= 0.10 s/epoch at batch 128,
 >= 1e6 samples/s at batch 1024, edge-popup within 1.2x of dense, the GPU run within 0.2 points of
 the CPU run, eval reproducing the record on both devices, the graph's run equal to the other). Exit 0 when every step ran and every
 target holds. `--dry-run` does the same on the CPU with small settings: CI runs that, so the
@@ -111,7 +111,7 @@ def main() -> int:
         figures["eval"] = {d: {k: r[k] for k in ("device", "test_acc", "matches_record", "masks_match_scores")} for d, r in results.items()}
         targets["eval reproduces the record on both devices"] = len(results) == 2 and all(r["matches_record"] for r in results.values())
     try:
-        from scoretrain import store
+        from scoretrain.run import store
 
         runs = {n: store.load(out / "runs" / n).metrics for n in ("gpu", "gpu-eager", "cpu")}
         figures["fit"] = {n: {"final_test_acc": m["test_acc"][-1], "median_epoch_seconds": statistics.median(m["epoch_seconds"])}

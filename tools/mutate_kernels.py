@@ -1,4 +1,4 @@
-"""The mutation check of the CPU executor (issue 19): copies of scoretrain/kernels.cu with one bug
+"""The mutation check of the CPU executor: copies of scoretrain/kernels.cu with one bug
 each (every __syncthreads removed in turn, off-by-ones in loop bounds and spans, an initialisation
 of shared memory dropped) must each make tests/test_cuda_executor.py's kernel tests fail. Each
 mutant is built by the executor like the real source (cuda_executor.py reads it from
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "scoretrain" / "kernels.cu"
+SOURCE = ROOT / "scoretrain" / "kernels" / "kernels.cu"
 
 # (name, the text to change, its replacement): off-by-ones, missing initialisations of shared memory
 # (a mutant that changes nothing the kernel computes, like `b > 0` for `b >= 0` in topk_pick, whose

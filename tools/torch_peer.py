@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scoretrain import data
+from scoretrain.data import datasets as data
 
 
 class GetSubnet(torch.autograd.Function):

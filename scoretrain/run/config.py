@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import types
 import typing
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from . import methods
-from .data import SHAPES
-from .errors import ConfigError
+from ..nn import methods
+from ..nn.model import ARCHITECTURES
+from ..data.datasets import SHAPES
+from ..errors import ConfigError
 
 METHODS = tuple(methods.METHODS)  # the registry's names: a method is a class in methods.py
 K_METHODS = methods.K_METHODS  # the methods that keep a fixed fraction k of the weights
-ARCHS = ("mlp", "lenet", "conv2", "conv4", "conv6", "conv8", "resnet20", "resnet32", "resnet56", "resnet18", "wrn28")
+ARCHS = tuple(ARCHITECTURES)  # the registry's names: an architecture is an entry in nn/model.py
 BN = ("none", "nonaffine", "affine")
 K_SCOPES = ("layer", "global")
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform")
@@ -33,63 +35,80 @@ SCHEDULES = ("cosine", "constant", "step")
 DATASETS = tuple(SHAPES)
 
 
+def key(default, help: str, choices: tuple = ()):
+    """A spec key: its default, what it does (the reference in docs/spec.md is generated from
+    it) and, where validate() takes a fixed set of values, those values."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if isinstance(default, list):  # a mutable default needs a factory: every Config gets its own list
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    name: str = "mnist"
-    root: str | None = None  # folder holding the IDX files; None: the repo's data/, then the user cache
-    standardize: bool = True  # subtract the train mean, divide by the train std (inputs scaled to [0, 1])
-    train_samples: int | None = None  # use only the first N training images (None: all)
-    test_samples: int | None = None  # use only the first N test images (None: all)
-    val_samples: int = 0  # hold out N of the training images (a fixed choice, whatever the seed) to select epochs by
-    crop_padding: int = 0  # augmentation: random crops of the image zero-padded by this many pixels (0: off)
-    flip: bool = False  # augmentation: random horizontal flips
+    """The dataset, how many of its images are used, and the augmentation of the training images."""
+
+    name: str = key("mnist", "the dataset: 28x28 grayscale (mnist, fashion-mnist, kmnist) or 32x32 colour (cifar10), 10 classes each", DATASETS)
+    root: str | None = key(None, "folder holding `<name>/` with the dataset's files, never downloaded into; null: the repo's data/, then the user cache, else a download into the cache")
+    standardize: bool = key(True, "scale the pixels to [0, 1], then subtract the training images' mean and divide by their std, per channel; false: only the scaling")
+    train_samples: int | None = key(None, "use only the first N training images; null: all")
+    test_samples: int | None = key(None, "use only the first N test images; null: all")
+    val_samples: int = key(0, "hold out N training images as a validation split, measured every epoch and never trained on (the same images whatever the seed); 0: none")
+    crop_padding: int = key(0, "augmentation: pad each training image with N zero pixels per side, then crop a random window of the original size; 0: off")
+    flip: bool = key(False, "augmentation: mirror each training image left-right with probability 1/2")
 
 
 @dataclass
 class ModelConfig:
-    method: str = "edge-popup"  # edge-popup | biprop | supermask | iterand: learn scores; dense: learn the weights
-    arch: str = "mlp"  # mlp (layer widths from `widths`), lenet, conv2, conv4, conv6, conv8, resnet20, resnet32, resnet56, resnet18, wrn28
-    widths: list[int] = field(default_factory=lambda: [784, 250, 250, 10])  # mlp: inputs, hidden..., classes
-    width: float = 1.0  # conv and residual nets: multiplier of every channel count and hidden width
-    bn: str = "none"  # none | nonaffine | affine: batch normalization after every conv (affine: a learned scale and shift)
-    k: float = 0.5  # fraction of the weights kept (edge-popup, biprop)
-    k_scope: str = "layer"  # layer: k of each layer (the paper); global: k of the whole network
-    k_warmup_epochs: int = 0  # k falls geometrically from 1 to k over the first N epochs (0: k from the start)
-    rerand_freq: int = 300  # iterand: redraw pruned weights every N optimizer steps
-    rerand_rate: float = 0.1  # iterand: each pruned weight is redrawn with this probability
-    init: str = "signed_constant"  # weight init
-    scale_fan: bool = False  # use k * fan_in as the fan (the paper's "scaled" inits)
-    score_init: str = "kaiming_uniform"
-    dense_first: bool = False  # the first weight layer keeps all its random weights (top-k methods)
-    dense_last: bool = False  # the last weight layer keeps all its random weights (top-k methods)
-    score_granularity: str = "weight"  # weight | kernel (conv: one score per (out, in) kernel) | filter (per output filter or unit)
+    """The network: what is learned, the architecture, the fraction k of the weights kept, and the inits."""
+
+    method: str = key("edge-popup", "what is learned: scores that choose a subnetwork of frozen random weights (edge-popup; biprop: over binary weights; supermask: a sampled mask; iterand: edge-popup that redraws pruned weights), or the weights themselves (dense); see docs/methods.md", METHODS)
+    arch: str = key("mlp", "the network: an mlp with the layer widths of `widths`, a conv net (lenet, conv2 ... conv8) or a residual net (resnet20 ... wrn28)", ARCHS)
+    widths: list[int] = key([784, 250, 250, 10], "mlp only: the number of inputs, the hidden widths, the number of classes")
+    width: float = key(1.0, "conv and residual nets: multiplier of every channel count and hidden width (rounded, at least 1)")
+    bn: str = key("none", "conv and residual nets: batch normalization after every conv (affine: with a learned scale and shift per channel)", BN)
+    k: float = key(0.5, "fraction of the weights kept, round(k * n), by the top-k methods (edge-popup, biprop, iterand); also the fan factor of scale_fan")
+    k_scope: str = key("layer", "layer: keep k of each layer (the paper); global: k of the whole network, one top-k over all scores", K_SCOPES)
+    k_warmup_epochs: int = key(0, "top-k methods: k falls geometrically from 1 to k over the first N epochs (epoch e keeps k ** ((e + 1) / N)); 0: k from the start")
+    rerand_freq: int = key(300, "iterand: redraw pruned weights every N optimizer steps")
+    rerand_rate: float = key(0.1, "iterand: the probability with which each pruned weight is redrawn from the init")
+    init: str = key("signed_constant", "the random weights: signed_constant (+-std), kaiming_normal or kaiming_uniform, with std = sqrt(2 / fan_in)", INITS)
+    scale_fan: bool = key(False, "use k * fan_in as the fan of the weight init (the paper's scaled inits)")
+    score_init: str = key("kaiming_uniform", "the initial scores: kaiming_uniform, U(+-1/sqrt(fan_in)) as the reference code, or kaiming_normal, N(0, 2/fan_in)", SCORE_INITS)
+    dense_first: bool = key(False, "top-k methods: the first weight layer keeps all its random weights")
+    dense_last: bool = key(False, "top-k methods: the last weight layer keeps all its random weights")
+    score_granularity: str = key("weight", "top-k methods: one score per weight, per kernel (a conv's (out, in) kernel) or per filter (an output filter or unit); the top-k keeps whole units", GRANULARITIES)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
-    weight_decay: float = 5e-4  # L2 on the learned tensors (scores for edge-popup)
-    schedule: str = "cosine"  # per-epoch learning-rate schedule
-    warmup_epochs: int = 0  # linear warm-up before the schedule
-    step_size: int = 10  # step schedule: epochs between decays
-    gamma: float = 0.1  # step schedule: decay factor
-    eval_batch_size: int = 1000
-    cuda_graph: bool = True  # on a GPU, replay the training step as CUDA graphs where the method and optimizer allow
-    tensorboard: bool = False  # each epoch's scalars as TensorBoard events in RUN_DIR/tensorboard (tensorboardX)
-    bn_recalibration: int = 0  # training images that BatchNorm's running statistics are recomputed from before each measurement (0: the moving averages)
+    """The optimizer, the learning-rate schedule, and how the epochs are run and measured."""
+
+    epochs: int = key(20, "number of passes over the training images")
+    batch_size: int = key(128, "training batch size; the images are shuffled every epoch and the last, smaller batch is kept")
+    optimizer: str = key("sgd", "the update rule, as PyTorch's", OPTIMIZERS)
+    lr: float = key(0.1, "the learning rate that the warm-up and the schedule start from")
+    momentum: float = key(0.9, "sgd: momentum in [0, 1) (0: plain SGD)")
+    nesterov: bool = key(False, "sgd: Nesterov momentum")
+    betas: list[float] = key([0.9, 0.999], "adam: the decay rates of the two moment averages, each in [0, 1) (eps is 1e-8)")
+    weight_decay: float = key(5e-4, "L2 added to the gradient of the learned tensor (the scores; the weights for dense)")
+    schedule: str = key("cosine", "the per-epoch learning rate after the warm-up: cosine from lr towards 0, constant, or step (times gamma every step_size epochs)", SCHEDULES)
+    warmup_epochs: int = key(0, "linear warm-up before the schedule: epoch e < N uses lr * (e + 1) / N; 0: none")
+    step_size: int = key(10, "step schedule: epochs between decays")
+    gamma: float = key(0.1, "step schedule: the decay factor, in (0, 1]")
+    eval_batch_size: int = key(1000, "batch size for measuring the test and validation splits; lower it where one layer's activations do not fit")
+    cuda_graph: bool = key(True, "on a GPU, replay the training step as CUDA graphs where the method and optimizer allow; no effect on the CPU")
+    tensorboard: bool = key(False, "write each epoch's scalars as TensorBoard events to RUN_DIR/tensorboard (needs tensorboardX)")
+    bn_recalibration: int = key(0, "recompute BatchNorm's running statistics from N training images before each epoch's measurement; 0: keep the moving averages")
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | gpu | gpu:N
-    data: DataConfig = field(default_factory=DataConfig)
+    """The run's seed and device; the sections data, model and train hold the rest."""
+
+    seed: int = key(0, "integer >= 0 that fixes everything random: weights, scores, data order, augmentation and sampled masks")
+    device: str = key("auto", "where to train: auto (GPU 0 if CuPy can use it, else the CPU), cpu, gpu or gpu:N")
+    data: DataConfig = field(default_factory=DataConfig)  # a section: described by its docstring
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -350,3 +369,48 @@ def differences(a: Config, b: Config, sections=None) -> list[tuple[str, object, 
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def show(cfg: Config) -> str:
+    """The resolved spec as YAML: exactly the config.yaml a run of it writes, so what is shown is
+    what would be recorded (and it loads back to the same Config)."""
+    return dump(cfg)
+
+
+# --- the reference page (docs/spec.md) -------------------------------------------------------
+
+
+def sections() -> list[tuple[str, type]]:
+    """(dotted prefix, dataclass) of the top level and of every section, in the spec's order."""
+    nested = [(f.name + ".", f.default_factory) for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+    return [("", Config), *nested]
+
+
+def section_keys(cls) -> list[dataclasses.Field]:
+    """A section's keys: the fields made by key(), not the sections nested in it."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _yaml_value(value) -> str:
+    """A default as the resolved spec writes it (null, true, [784, 250, 250, 10])."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare pipe would end the table cell
+
+
+def reference_markdown() -> str:
+    """The spec reference: per section its description and a table of its keys' types, defaults and meanings."""
+    out = []
+    for prefix, cls in sections():
+        title = f"`{prefix.rstrip('.')}`" if prefix else "Top level"
+        out += [f"### {title}", "", inspect.cleandoc(cls.__doc__), "",
+                "| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+        for f in section_keys(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata["choices"]
+            kind = f"`{f.type}`" + (": " + ", ".join(f"`{c}`" for c in choices) if choices else "")
+            out.append(f"| `{prefix}{f.name}` | {_cell(kind)} | `{_yaml_value(default)}` | {_cell(f.metadata['help'])} |")
+        out.append("")
+    return "\n".join(out)

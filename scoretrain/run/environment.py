@@ -16,7 +16,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 # the entries that change a run's bits when they change (not the host's name or the OS)
 BITS = ("numpy", "numba", "llvmlite", "blas", "cupy", "cuda", "gpu", "cpu")
@@ -31,7 +31,7 @@ def _version(package: str) -> str | None:
 
 def _commit() -> str | None:
     """The checkout's commit (with '+changes' where files differ from it), or None outside one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:

@@ -405,7 +405,7 @@ def cuda(cupy):
 
     def device_lr(lr):
         """sgd reads its learning rate on the device: a device scalar as it is (a CUDA graph's,
-        train.CapturedStep), a host number written into a buffer of its own (a fill launch)."""
+        step.CapturedStep), a host number written into a buffer of its own (a fill launch)."""
         if not isinstance(lr, (int, float, np.generic)):
             return lr
         lr_buffer.fill(f32(lr))

@@ -23,13 +23,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from . import config as config_mod
-from .data import SHAPES
-from .errors import ConfigError, RunError
-from .methods import METHODS
-from .layers import norm_layers, weight_layers
-from .model import build_layers, score_shape
+from ..data.datasets import SHAPES
+from ..errors import ConfigError, RunError
+from ..nn.methods import METHODS
+from ..nn.layers import norm_layers, weight_layers
+from ..nn.model import build_layers, score_shape
 
 try:
     import fcntl
@@ -165,7 +165,7 @@ def environments(run: Run) -> list[dict]:
 
 
 def record_environment(run: Run, env: dict) -> None:
-    """Add this session's record (from the run's next epoch on)."""
+    """Add this process's record (from the run's next epoch on)."""
     run.attrs["environments"] = json.dumps(environments(run) + [{"from_epoch": run.epochs_done + 1, **env}])
 
 

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent / "cuda_executor"
-CACHE = Path(os.environ.get("SCORETRAIN_EXECUTOR_CACHE", HERE.parent.parent / "build" / "cuda_executor"))
+CACHE = Path(os.environ.get("SCORETRAIN_EXECUTOR_CACHE", HERE.parents[2] / "build" / "cuda_executor"))
 CXX = os.environ.get("CXX", "g++")
-KERNELS_CU = HERE.parent.parent / "scoretrain" / "kernels.cu"
+KERNELS_CU = HERE.parents[2] / "scoretrain" / "kernels" / "kernels.cu"
 FLAGS = ("-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-no-pie",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all")
 RUNTIME_FLAGS = ("-std=c++17", "-O2", "-g", "-no-pie")

@@ -31,10 +31,10 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from . import __version__
-from .errors import DataError
+from .. import __version__
+from ..errors import DataError
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 TIMEOUT = 30  # seconds per connection attempt / read, before the next mirror is tried
 
 

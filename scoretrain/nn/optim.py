@@ -4,11 +4,14 @@ added to the gradient) updating arrays in place, and the per-epoch learning-rate
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .backend import fused
-from .config import TrainConfig
+from ..kernels.backend import fused
+
+if TYPE_CHECKING:  # annotations only: nn/ does not depend on run/
+    from ..run.config import TrainConfig
 
 
 f32 = np.float32  # the fused loops take every scalar as the float32 the array code rounds it to
@@ -20,7 +23,7 @@ def flat(a):
 
 class SGD:
     slots = ("momentum",)
-    replayable = True  # its one changing scalar, lr, can be a device array (train.CapturedStep)
+    replayable = True  # its one changing scalar, lr, can be a device array (step.CapturedStep)
 
     def __init__(self, xp, params: list, cfg: TrainConfig):
         self.xp = xp
@@ -31,7 +34,7 @@ class SGD:
 
     def scalars(self, lr) -> tuple:
         """The fused loops' scalars of a step (kernels.sgd), after the state arrays. `lr` is a
-        number, or a 0-d float32 device array (a CUDA graph's: train.CapturedStep), passed on."""
+        number, or a 0-d float32 device array (a CUDA graph's: step.CapturedStep), passed on."""
         return f32(lr) if isinstance(lr, (int, float, np.generic)) else lr, f32(self.mu), f32(self.wd), self.nesterov
 
     def step_fused(self, lr: float, loop) -> None:

@@ -1,12 +1,12 @@
 """The mask methods. Each is one class: how a layer's effective weights W_eff come from its frozen
 random weights W and its learned scores S, how dL/dW_eff reaches what is learned, and whether a
-fraction k applies. METHODS is the registry (config.py takes the method names from it): adding a
+fraction k applies. METHODS is the registry (run/config.py takes the method names from it): adding a
 method is adding a class here. docs/methods.md states each exactly.
 
 The algorithm itself is the first two functions: `topk_mask` (keep the round(k * n) largest
 |S|) and `straight_through` (dL/dS = dL/dW_eff * W * sign(S), as if the mask were the identity on
 |S|). They are plain array code, the reference. Beside them are the fast paths for the same step: the
-CPU's (FusedScoreStep and the fused top-k, kernels.py), checked bit for bit against the
+CPU's (FusedScoreStep and the fused top-k, kernels/loops.py), checked bit for bit against the
 reference in tests/test_model.py, and the GPU's top-k (radix_select.py, a radix select in CUDA).
 
 Network (model.py) owns the flat buffers every method shares (weights w_flat, scores s_flat,
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import fused
-from .radix_select import RadixTopK
+from ..kernels.backend import fused
+from ..kernels.radix_select import RadixTopK
 
 # --- the mask and its straight-through gradient (the reference) --------------------------------
 
@@ -102,7 +102,7 @@ def band_bounds(hint, band: float) -> tuple[float, float]:
 
 
 def _topk_fused(kernels, flat, k: int, hint, band: float, mask, w, w_out):
-    """topk_mask on the CPU (kernels.py), returning the threshold.
+    """topk_mask on the CPU (kernels/loops.py), returning the threshold.
 
     Scores move little per step, so the new threshold is near the last one: one pass
     (kernels.score_step with no update) keeps the values above a band of relative half-width
@@ -171,7 +171,7 @@ class Method:
     learns = "scores"
     uses_k = False
     changes_weights = False  # the weights change during training (and are stored at every checkpoint)
-    replayable = True  # a step keeps no host state a CUDA graph would freeze (train.CapturedStep)
+    replayable = True  # a step keeps no host state a CUDA graph would freeze (step.CapturedStep)
 
     def __init__(self, net, cfg):
         pass

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Backend:
 
 
 def fused(xp, *arrays):
-    """The fused loops (kernels.py) that take these arrays, or None where the array code runs.
+    """The fused loops (kernels/loops.py) that take these arrays, or None where the array code runs.
     They take contiguous float32 arrays (and see them flat, as a.reshape(-1), a view): on NumPy
     every loop, as numba code; on CuPy (an array module with a RawModule: the tests' stand-in
     runs the same kernels on the CPU) the CUDA kernels of kernels.cu. float64 (the gradient
@@ -78,7 +78,7 @@ def address_limit() -> int | None:
 @functools.cache  # called in the hot path: an import statement costs a microsecond or two
 def _kernels():
     """scoretrain.kernels, imported on first use: numba takes ~0.4 s to import."""
-    from . import kernels
+    from . import loops as kernels
 
     return kernels
 
@@ -123,7 +123,7 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep what a training step frees for the next step, instead of giving
     it back to the OS and taking it again: a step allocates and frees its activations and im2col
     patches (~500 MB for resnet20 at batch 128), and every page the OS hands out again is a page
-    fault that zeroes it, ~15,000 a step, a third of a resnet20 step on a 2-core VM (issue 20).
+    fault that zeroes it, ~15,000 a step, a third of a resnet20 step on a 2-core VM.
     Blocks up to 32 MB (glibc's most) come from the heap, which is never trimmed; the process
     holds its peak. False where the C library is not glibc (nothing changes)."""
     import ctypes

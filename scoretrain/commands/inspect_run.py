@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import store
+from ..run import store
 from .compare import net_name, print_wide
-from .config import K_METHODS
+from ..run.config import K_METHODS
 
 
 def _stats(a: np.ndarray) -> dict | None:

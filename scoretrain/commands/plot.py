@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import store
+from ..run import store
 from .compare import net_name
-from .errors import ConfigError, RunError, ScoretrainError
+from ..errors import ConfigError, RunError, ScoretrainError
 
 FORMATS = ("png", "svg")
 INSTALL = "pip install 'scoretrain[plot]'"

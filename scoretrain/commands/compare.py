@@ -22,9 +22,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from . import config as config_mod
-from . import store
-from .errors import ConfigError, RunError, ScoretrainError
+from ..run import config as config_mod
+from ..run import store
+from ..errors import ConfigError, RunError, ScoretrainError
 
 FIELDS = ("name", "path", "method", "widths", "k", "init", "epochs_done", "epochs", "status",
           "best_test_acc", "best_epoch", "final_test_acc", "seconds_per_epoch", "arch", "width", "k_scope", "scale_fan", "best_val_acc", "best_val_epoch", "test_at_best_val",

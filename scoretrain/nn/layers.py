@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .backend import fused
+from ..kernels.backend import fused
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class BatchNorm:
     def batch_statistics(self, x, loops=None):
         """The batch's mean and biased variance per channel, in x's dtype. Each is a sum of
         N x H x W terms (100,352 for MNIST at batch 128): float32 sums of that many lose 1e-2 of
-        the gradient (issue 20), so every one of BatchNorm's channel sums is accumulated in
+        the gradient, so every one of BatchNorm's channel sums is accumulated in
         float64, in row order. The variance is the mean square of x - mean (no cancellation of
         E[x^2] - E[x]^2)."""
         c, n = self.c, x.size // self.c

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as config_mod
-from . import optim
-from .backend import Backend
-from .config import Config, ModelConfig, TrainConfig
-from .errors import ConfigError
-from .layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, walk
-from .model import Network, cross_entropy, init_network
-from .train import enter_epoch, stepper
+from ..run import config as config_mod
+from ..nn import optim
+from ..kernels.backend import Backend
+from ..run.config import Config, ModelConfig, TrainConfig
+from ..errors import ConfigError
+from ..nn.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, walk
+from ..nn.model import Network, cross_entropy, init_network
+from ..run.step import stepper
+from ..run.train import enter_epoch
 
 TRAIN_SAMPLES = 60000  # an MNIST epoch
 
@@ -52,7 +53,7 @@ def gpu_used_mb(backend: Backend) -> float | None:
 
 def make(backend: Backend, method: str, widths: list[int], batch: int, k: float = 0.5):
     """The network, its optimizer, and the training step as `fit` takes it (a CUDA graph's
-    replay on a GPU, train.stepper)."""
+    replay on a GPU, step.stepper)."""
     cfg = Config(model=ModelConfig(method=method, widths=widths, k=k), train=TrainConfig(batch_size=batch))
     weights, scores = init_network(cfg.model, seed=0)
     net = Network(backend.xp, cfg.model, weights, scores)
@@ -189,7 +190,7 @@ def table(rows: list[dict], title: str):
 # --- the conv and residual nets: a shipped config's step, by layer kind and phase ---------------------
 
 NETS = ("mlp", "lenet", "resnet20")  # --net: mlp is the cases above; the others configs/mnist_NET.yaml
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 KINDS = {Conv2d: "conv", BatchNorm: "batchnorm", ReLU: "relu", ResidualBlock: "residual add", GlobalAvgPool: "pool",
          MaxPool2d: "pool", Linear: "linear"}
 

@@ -23,7 +23,7 @@ import types
 
 import numpy as np
 
-import cuda_executor
+from . import cuda_executor
 
 
 class HostRead(AssertionError):

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as config_mod
-from . import data, store
-from .errors import ScoretrainError
-from .model import init_network
+from ..run import config as config_mod
+from ..data import datasets as data
+from ..run import store
+from ..errors import ScoretrainError
+from ..nn.model import init_network
 
 MAGIC = b"SCORETRAIN-TICKET 1\n"
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_mod
-from . import store
-from .errors import ConfigError, RunError, ScoretrainError
+from ..run import config as config_mod
+from ..run import lifecycle, store
+from ..errors import ConfigError, RunError, ScoretrainError
 
 RECORD = "sweep.yaml"
 FORMAT = "scoretrain-sweep"
@@ -495,3 +495,23 @@ def queued(job_id: str) -> int:
     if out.returncode != 0:
         return 0  # squeue forgets a job soon after it ends, and then says it is invalid
     return len(out.stdout.split())
+
+
+def work(sweep_dir: Path, name: str) -> tuple[lifecycle.Session | None, str | None]:
+    """One run of a sweep, as its worker takes it: (a claimed session to train, None), or (None,
+    why there is nothing to train: another process trains it, or it is completed or failed)."""
+    run_dir = Path(sweep_dir) / name
+    cfg = read(sweep_dir).config(name)
+    what = take(sweep_dir, name)
+    if what is None:
+        return None, f"{run_dir}: another process trains this run; skipped"
+    try:
+        if what == "skip":
+            store.release(run_dir)
+            return None, f"{run_dir}: already {state(run_dir)[0]}; skipped"
+        if what == "resume":
+            return lifecycle.reopen(run_dir, locked=True), None
+        return lifecycle.begin_in(cfg, run_dir), None
+    except BaseException:
+        store.release(run_dir)
+        raise

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FOLDER = "tensorboard"
 SCALARS = {"loss/train": "train_loss", "loss/test": "test_loss", "loss/val": "val_loss", "accuracy/train": "train_acc",
@@ -31,7 +31,7 @@ def writer_class():
 
 
 class EpochLog:
-    """The event file of this session of a run."""
+    """The event file this process writes for a run."""
 
     def __init__(self, run_dir: Path, first_epoch: int):
         # tensorboardX names a file by the second it was made and the host: a resume within the

@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from .errors import ScoretrainError
+from ..errors import ScoretrainError
 
 OPSET = 17
 IR_VERSION = 8  # opset 17's: read by onnxruntime >= 1.13

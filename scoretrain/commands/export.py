@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, store, train
-from .backend import Backend
-from .config import K_METHODS, Config
-from .errors import ScoretrainError
+from ..data import datasets as data
+from ..run import store
+from ..run.resources import network, stored_subnetwork
+from ..kernels.backend import Backend
+from ..run.config import K_METHODS, Config
+from ..errors import ScoretrainError, os_reason
 
 FORMAT = "scoretrain-subnetwork"
 FORMAT_VERSION = 1
@@ -41,8 +43,8 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], store.Run, Config]:
         raise ScoretrainError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); export it once it has "
                               "stopped, or export a copy of its folder")
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
-    net = train.network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
-    w_eff = train.stored_subnetwork(net, run.masks)
+    net = network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
+    w_eff = stored_subnetwork(net, run.masks)
     h, w, c, classes = data.SHAPES[cfg.data.name]
     test_acc = run.metrics["test_acc"]
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": cfg.data.name,
@@ -179,5 +181,5 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
     try:
         store.write_atomic(dest, write)
     except OSError as e:
-        raise ScoretrainError(f"{dest}: cannot write ({train.os_reason(e)})") from None
+        raise ScoretrainError(f"{dest}: cannot write ({os_reason(e)})") from None
     return out, run.edited
