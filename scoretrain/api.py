@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .kernels.backend import Backend, resolve
 from .run import config as config_mod
@@ -32,7 +31,7 @@ from .run.step import evaluate
 
 def _override(key: str, value) -> str:
     """model__k=0.3 (or {"model.k": 0.3}) as the command line's `model.k=0.3`."""
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+    text = value if isinstance(value, str) else config_mod.yaml_value(value)
     return f"{key.replace('__', '.')}={text}"
 
 

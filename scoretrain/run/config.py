@@ -391,8 +391,9 @@ def section_keys(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def _yaml_value(value) -> str:
-    """A default as the resolved spec writes it (null, true, [784, 250, 250, 10])."""
+def yaml_value(value) -> str:
+    """A value as YAML writes it in one line (null, true, 0.3, [784, 250, 250, 10]): a default on
+    the reference page, an API keyword as a command-line override."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
 
 
@@ -411,6 +412,6 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata["choices"]
             kind = f"`{f.type}`" + (": " + ", ".join(f"`{c}`" for c in choices) if choices else "")
-            out.append(f"| `{prefix}{f.name}` | {_cell(kind)} | `{_yaml_value(default)}` | {_cell(f.metadata['help'])} |")
+            out.append(f"| `{prefix}{f.name}` | {_cell(kind)} | `{yaml_value(default)}` | {_cell(f.metadata['help'])} |")
         out.append("")
     return "\n".join(out)

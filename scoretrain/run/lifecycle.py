@@ -51,14 +51,22 @@ def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
     return run
 
 
-def prepare(cfg: Config) -> tuple[Backend, DeviceData, store.Run]:
-    """(backend, data, run) for a run from its start, before any folder exists."""
+def on_device(cfg: Config, mean=None, std=None) -> tuple[Backend, DeviceData]:
+    """The run's device and its data there, once everything that can refuse the spec has: the
+    TensorBoard writer, the device, the data, the memory budget, the kernels. `mean`/`std`: a
+    resumed run's recorded standardization."""
     if cfg.train.tensorboard:
         tensorboard.writer_class()  # missing: one line now, not a failed run
     backend = resolve(cfg.device)
-    dd = load_data(cfg, backend)
+    dd = load_data(cfg, backend, mean, std)
     check_memory(cfg, backend, dd)
     load_kernels(backend.xp)
+    return backend, dd
+
+
+def prepare(cfg: Config) -> tuple[Backend, DeviceData, store.Run]:
+    """(backend, data, run) for a run from its start, before any folder exists."""
+    backend, dd = on_device(cfg)
     return backend, dd, new_run(cfg, backend, dd)
 
 
@@ -141,12 +149,7 @@ def reopen(run_dir: Path, locked: bool = False) -> Session:
                 raise ConfigError(f"{run_dir / store.CONFIG_FILE}: {key} is {new!r}, but the run was trained with {old!r} "
                                   "(as run.h5 records): the seed, data and model cannot change on resume; restore it, or start a new run")
         check_resumable(run, run_dir, locked)
-        backend = resolve(cfg.device)
-        dd = load_data(cfg, backend, run.attrs["input_mean"], run.attrs["input_std"])
-        check_memory(cfg, backend, dd)
-        load_kernels(backend.xp)
-        if cfg.train.tensorboard:
-            tensorboard.writer_class()  # missing: one line before anything changes
+        backend, dd = on_device(cfg, run.attrs["input_mean"], run.attrs["input_std"])
         run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
         env, before = environment.describe(backend), store.environments(run)
         changed = environment.differences(before[-1], env) if before else []

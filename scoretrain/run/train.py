@@ -174,9 +174,10 @@ class Loop:
             train_loss, train_acc, seconds = self.train_epoch(epoch, lr)
             self.check_finite(epoch, lr, train_loss)
             test_loss, test_acc, val_loss, val_acc = self.measure(epoch)
+            change = self.record_masks()  # after measure: the masks of the epoch's final scores
             row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
                        test_loss=test_loss, test_acc=test_acc, epoch_seconds=seconds,
-                       mask_change=self.record_masks(), val_loss=val_loss, val_acc=val_acc)
+                       mask_change=change, val_loss=val_loss, val_acc=val_acc)
             self.record(row, k)
 
     def train_epoch(self, epoch: int, lr: float) -> tuple[float, float, float]:
