@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -24,12 +25,30 @@ from .run import lifecycle, store, train
 from .run.progress import Reporter, summary
 from .run.resources import load_data
 
+HELP = {"help_option_names": ["-h", "--help"]}  # -h as well, on every command
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings=HELP,
     help="Find the subnetworks hidden in randomly weighted networks (edge-popup), and train dense baselines.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"scoretrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Find the subnetworks hidden in randomly weighted networks (edge-popup), and train dense baselines."""
 
 
 class Output(Console):
@@ -138,15 +157,18 @@ def _train(session: lifecycle.Session, quiet: bool) -> None:
         say(f"stdout was closed; the run trained on to the end: {run_dir} is {run.attrs['status']} after {run.epochs_done} epochs")
 
 
+MAX_JOBS = 256  # --jobs: runs at a time in one local pool (each a process of its own)
+
+
 @app.command()
 @user_errors
 def sweep(
     config: Optional[Path] = typer.Argument(None, help="Base experiment spec (YAML); its `sweep:` section, if any, gives grid axes too.", show_default=False),
-    grid: Optional[List[str]] = typer.Argument(None, help="key=v1,v2,... (values parsed as YAML), key=a:b (integers a..b-1), or key=value (fixed): model.k=0.1,0.3 seed=0:3 train.epochs=2.", show_default=False, metavar="GRID..."),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="The sweep's folder (its runs and its record, sweep.yaml); default: runs/<config name>.", show_default=False),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Local pool: runs at a time, each with cores/jobs BLAS threads."),
+    grid: Optional[List[str]] = typer.Argument(None, help="key=v1,v2,... (values parsed as YAML), key=a:b[:step] (integers a..b-1), or key=value (fixed), each key once: model.k=0.1,0.3 seed=0:3 train.epochs=2.", show_default=False, metavar="GRID..."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="The sweep's folder (its runs and its record, sweep.yaml): new, empty, or this sweep's; default: runs/<config name>.", show_default=False),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=MAX_JOBS, help="Local pool: runs at a time (at most the number of runs), each with cores/jobs BLAS threads."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Local pool on GPUs: device ids, one run per device at a time, e.g. 0,1,2,3.", show_default=False),
-    launcher: str = typer.Option("local", "--launcher", help="local (a pool of processes here) or slurm (one job array, through submitit)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (a pool of processes here) or slurm (one job array, through submitit: pip install 'scoretrain\\[slurm]')."),
     partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition.", show_default=False),
     time_min: int = typer.Option(60, "--time", min=1, help="Slurm: time limit per run, in minutes."),
     cpus_per_run: int = typer.Option(1, "--cpus-per-run", min=1, help="Slurm: CPUs (and BLAS threads) per run."),
@@ -155,14 +177,16 @@ def sweep(
     array_parallelism: int = typer.Option(256, "--array-parallelism", min=1, help="Slurm: runs of the array at a time."),
     slurm: Optional[List[str]] = typer.Option(None, "--slurm", help="Slurm: any other sbatch option, KEY=VALUE (e.g. --slurm account=lab --slurm qos=short); repeatable.", show_default=False),
     wait: bool = typer.Option(False, "--wait", help="Slurm: follow the runs until the job array ends (else print its job id and return)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their state (completed, running, interrupted, failed, missing); start nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their state (completed, running, interrupted, failed with its reason, missing); start nothing. Exits as the sweep would refuse."),
     status: Optional[Path] = typer.Option(None, "--status", help="The same list, for an existing sweep folder (no config needed).", show_default=False, metavar="SWEEP_DIR"),
     extend: bool = typer.Option(False, "--extend", help="Add this grid's runs to a sweep folder made by another grid of the same base config."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Train the failed runs again, from their last finished epoch (else they are left as they are)."),
 ) -> None:
     """Train a grid of runs of one config (the product of the GRID values) into one folder.
 
     Running the same sweep again skips completed runs, resumes interrupted ones and starts missing
-    ones; two sweep commands over one folder never train a run twice. Compare the results with
+    ones (failed ones with --retry-failed); two sweep commands over one folder never train a run
+    twice. Exit 0 only when every run completed. Compare the results with
     `scoretrain compare SWEEP_DIR --group-by model.k`.
     """
     from .commands import sweep as sweep_mod
@@ -179,38 +203,92 @@ def sweep(
         raise ConfigError(f"--launcher: expected local or slurm, got {launcher!r}")
     gpu_ids = _gpu_ids(gpus)
     extra = _key_values(slurm or [], "--slurm")
-    if launcher == "slurm" and not dry_run:
-        sweep_mod.check_slurm()
     plan = sweep_mod.plan(config, grid or [])
     sweep_dir = runs_dir if runs_dir is not None else Path("runs") / config.stem
+    again = shlex.join(["scoretrain", "sweep", str(config), *(grid or []), "--runs-dir", str(sweep_dir),
+                        *(["--extend"] if extend else []), *(["--retry-failed"] if retry_failed else [])])
+
+    def refusals() -> None:  # everything that refuses the sweep, before anything is written
+        if launcher == "slurm":
+            sweep_mod.check_slurm()
+        sweep_mod.check_folder(sweep_dir, plan, extend)
+        sweep_mod.check_data(plan)
+
     if dry_run:
         _sweep_table(sweep_dir, plan, plan.runs)
+        try:
+            refusals()
+        except ScoretrainError as e:
+            raise type(e)(f"{e} (so the sweep would refuse to start)") from None
         return
+    refusals()
     plan.launcher = ({"kind": "slurm", "partition": partition, "time": time_min, "cpus_per_run": cpus_per_run,
                       "gpus_per_run": gpus_per_run, "mem": mem, "array_parallelism": array_parallelism, "slurm": extra}
                      if launcher == "slurm" else {"kind": "local", "jobs": jobs, "gpus": gpu_ids})
-    record = sweep_mod.settle(sweep_dir, plan, extend)
-    names = [n for n in plan.runs if sweep_mod.state(sweep_dir / n)[0] not in sweep_mod.DONE]
+    settled = sweep_mod.settle(sweep_dir, plan, extend)
+    skip = [s for s in sweep_mod.DONE if not (retry_failed and s == "failed")]
+    names = [n for n in plan.runs if sweep_mod.state(sweep_dir / n)[0] not in skip]
     if not names:
-        say(f"{sweep_dir}: all {len(plan.runs)} runs are done; nothing to train")
-        _sweep_table(sweep_dir, record, plan.runs)
+        final = _sweep_table(sweep_dir, settled.record, plan.runs)
+        _sweep_verdict(sweep_dir, final, again, retry_failed, "nothing to train: ")
+        say(f"{sweep_dir}: all {len(plan.runs)} runs are completed; nothing to train")
         return
     if launcher == "slurm":
         settings = sweep_mod.SlurmSettings(partition, time_min, cpus_per_run, gpus_per_run, mem, array_parallelism, extra)
-        job = sweep_mod.submit(sweep_dir, names, settings)
+        settled.make(sweep_dir / sweep_mod.LOGS)
+        settled.make(sweep_dir / sweep_mod.SLURM_DIR)
+        try:
+            job = sweep_mod.submit(sweep_dir, names, settings, retry_failed)
+        except BaseException:
+            settled.undo(sweep_dir)  # no run started: the folder as it was
+            raise
         say(f"submitted Slurm job array {job}: {len(names)} runs; follow with: scoretrain sweep --status {sweep_dir}")
         if not wait:
             return
-        _follow(sweep_dir, plan, lambda: sweep_mod.queued(job) > 0)
+        try:
+            _follow(sweep_dir, plan, lambda: sweep_mod.queued(job) > 0)
+        except KeyboardInterrupt:
+            say(f"stopped following; the job array {job} goes on: scoretrain sweep --status {sweep_dir}")
+            raise typer.Exit(130) from None
     else:
-        say(f"{sweep_dir}: {len(names)} of {len(plan.runs)} runs to train, {len(gpu_ids) if gpu_ids else jobs} at a time")
-        _run_pool(sweep_dir, plan, names, jobs, gpu_ids)
-    final = _sweep_table(sweep_dir, record, plan.runs)
-    bad = [n for n, (st, *_) in final.items() if st not in ("completed", "running")]
-    if bad:
-        say(f"error: {len(bad)} of {len(final)} runs did not complete ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): "
-            f"see {sweep_dir / sweep_mod.LOGS}/NAME.log; run the same sweep again to resume them")
-        raise typer.Exit(1)
+        at_once = len(gpu_ids) if gpu_ids else min(jobs, len(names))
+        say(f"{sweep_dir}: {len(names)} of {len(plan.runs)} runs to train, {at_once} at a time")
+        try:
+            _run_pool(sweep_dir, plan, names, jobs, gpu_ids, retry_failed)
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (main's handler raises SystemExit)
+            code = 130 if isinstance(e, KeyboardInterrupt) else e.code
+            say(f"interrupted: the runs in progress keep their finished epochs; continue with: {again}")
+            raise typer.Exit(code) from None
+    final = _sweep_table(sweep_dir, settled.record, plan.runs)
+    _sweep_verdict(sweep_dir, final, again, retry_failed)
+
+
+def _sweep_verdict(sweep_dir: Path, final: dict, again: str, retried: bool = False, prefix: str = "") -> None:
+    """Exit 1, with one line saying what to do for each kind of run that did not complete, unless
+    every run completed (or another process trains it now). `retried`: --retry-failed was given."""
+    from .commands import sweep as sweep_mod
+
+    retry = ("{they} failed again when retried (the same spec fails the same way): change the spec, in a sweep of {their} own" if retried
+             else "add --retry-failed to train {them} again from {their} last finished epoch")
+    hints = {"failed": retry,
+             "interrupted": "run the same sweep again to resume {them}", "missing": "run the same sweep again to start {them}",
+             "unreadable": "{their} run.h5 cannot be read: move {those} folder{s} away and run the same sweep again"}
+    bad = {}
+    for n, (st, *_) in final.items():
+        if st in hints:
+            bad.setdefault(st, []).append(n)
+    if not bad:
+        return
+    parts = []
+    for st, names in bad.items():
+        one = len(names) == 1
+        hint = hints[st].format(them="it" if one else "them", their="its" if one else "their", they="it" if one else "they",
+                                those="that" if one else "those", s="" if one else "s")
+        parts.append(f"{len(names)} {st} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): {hint}")
+    n_bad = sum(map(len, bad.values()))
+    say(f"error: {prefix}{n_bad} of {len(final)} runs did not complete: {'; '.join(parts)} "
+        f"(reasons: scoretrain sweep --status {sweep_dir}; logs: {sweep_dir / sweep_mod.LOGS})")
+    raise typer.Exit(1)
 
 
 def _gpu_ids(text: Optional[str]) -> list[str] | None:
@@ -252,10 +330,14 @@ def _sweep_table(sweep_dir: Path, record, names) -> dict:
     for st, *_ in states.values():
         counts[st] = counts.get(st, 0) + 1
     console.print(f"{len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), highlight=False)
+    for n, (st, *_) in states.items():  # why each run that did not complete stopped, where that is known
+        reason = sweep_mod.why(Path(sweep_dir) / n, st)
+        if reason:
+            console.print(f"{n}: {st}: {reason}", soft_wrap=True, markup=False, highlight=False)
     return states
 
 
-def _run_pool(sweep_dir: Path, plan, names: list[str], jobs: int, gpu_ids) -> None:
+def _run_pool(sweep_dir: Path, plan, names: list[str], jobs: int, gpu_ids, retry_failed: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .commands import sweep as sweep_mod
@@ -283,7 +365,7 @@ def _run_pool(sweep_dir: Path, plan, names: list[str], jobs: int, gpu_ids) -> No
                 progress.update(task, completed=done, total=epochs or None)
 
     with progress:
-        sweep_mod.run_local(sweep_dir, names, jobs, gpu_ids, on_event)
+        sweep_mod.run_local(sweep_dir, names, jobs, gpu_ids, on_event, retry_failed)
 
 
 def _follow(sweep_dir: Path, plan, active) -> None:
@@ -306,12 +388,13 @@ def _follow(sweep_dir: Path, plan, active) -> None:
 def sweep_worker(
     sweep_dir: Path = typer.Argument(..., help="The sweep's folder."),
     name: str = typer.Argument(..., help="The run's name in it."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Train the run again if it failed."),
 ) -> None:
     """One run of a sweep, as `sweep` starts it: trained unless it is completed or failed, or
     another process trains it now (then skipped); resumed where it was interrupted."""
     from .commands import sweep as sweep_mod
 
-    session, skipped = sweep_mod.work(Path(sweep_dir), name)
+    session, skipped = sweep_mod.work(Path(sweep_dir), name, retry_failed)
     if session is None:
         say(skipped)
         return
@@ -372,20 +455,30 @@ def eval_(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`, or a FILE.ticket (export --to).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, gpu or gpu:N (default: the run's; a ticket's: cpu)."),
+    other_data: Optional[Path] = typer.Option(None, "--data", help="Measure on the test split of other data (an .npz/HDF5 file or an image folder, as data.path) of the same image shape and classes.", show_default=False),
 ) -> None:
     """Reload a run (or a ticket, its weights regenerated from its seed) and re-measure its stored network on the test split."""
     if device is not None:
         config_mod.validate(config_mod.Config(device=device))
-    result = api.measure(run_dir, device)
+    result = api.measure(run_dir, device, other_data)
     warn_edited(run_dir, result["config_edited"])
     if as_json:
         emit(json.dumps(result) + "\n")
-        return
+    else:
+        _eval_table(run_dir, result)
+    if result["matches_record"] is False:  # a record that its own network does not reproduce: not believed
+        say(f"error: {run_dir}: the re-measured test accuracy {100 * result['test_acc']:.2f}% differs from the recorded "
+            f"{100 * result['recorded_test_acc']:.2f}%: its files were changed or damaged, or it was measured on another "
+            "device or library than it was trained on (eval --json shows both)")
+        raise typer.Exit(1)
+
+
+def _eval_table(run_dir: Path, result: dict) -> None:
     table = Table(title=f"eval {run_dir}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("status", f"{result['status']} ({result['epochs']} epoch{'' if result['epochs'] == 1 else 's'})")
-    table.add_row("test acc", f"{100 * result['test_acc']:.2f}%  (loss {result['test_loss']:.4f}, {result['test_samples']} samples)")
+    table.add_row("test acc", f"{100 * result['test_acc']:.2f}%  (loss {result['test_loss']:.4f}, {result['test_samples']} samples of {result['data']})")
     if result["recorded_test_acc"] is not None:
         same = "reproduced exactly" if result["matches_record"] else "differs"
         table.add_row("recorded", f"{100 * result['recorded_test_acc']:.2f}%  ({same})")
@@ -447,6 +540,9 @@ def _compare_groups(rows: list[dict], keys: tuple, as_csv: bool, as_json: bool, 
         if row["error"]:
             say(f"unreadable: {row['error']}")
     grouped = compare_mod.groups(rows, keys)
+    warning = compare_mod.pooled_warning(grouped, keys)
+    if warning:
+        say(warning)
     if as_json:
         emit(json.dumps(grouped, indent=2) + "\n")
     elif as_csv:
@@ -463,7 +559,7 @@ def _compare_groups(rows: list[dict], keys: tuple, as_csv: bool, as_json: bool, 
 @app.command("inspect")
 @user_errors
 def inspect_(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
+    run_dir: Path = typer.Argument(..., help="A run directory written by `fit`, or a FILE.ticket (export --to).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Per layer: kept fraction, how far the mask moved, score statistics, sign balance of the kept weights."""
@@ -481,7 +577,7 @@ def inspect_(
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `fit`.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="The file to write: FILE.npz (NumPy), FILE.safetensors, FILE.onnx (an ONNX model; pip install 'scoretrain[onnx]'), or FILE.ticket (kilobytes: the seed, 1-bit masks, BatchNorm state; `eval FILE.ticket` regenerates the weights).", show_default=False, metavar="FILE"),
+    to: Path = typer.Option(..., "--to", help="The file to write (its folder is created if missing): FILE.npz (NumPy), FILE.safetensors, FILE.onnx (an ONNX model; pip install 'scoretrain\\[onnx]'), or FILE.ticket (kilobytes: the seed, 1-bit masks, BatchNorm state; `eval FILE.ticket` regenerates the weights).", show_default=False, metavar="FILE"),
     force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
     layout: str = typer.Option("scoretrain", "--layout", help="scoretrain (weight_NN, channels last), or torch-prune (a .safetensors "
                                "in torch.nn.utils.prune's names and layouts: <layer>.weight_orig, <layer>.weight_mask, BatchNorm's running stats)."),
@@ -497,7 +593,7 @@ def export(
 
 # ----------------------------------------------------------------------------- scoretrain config
 
-config_app = typer.Typer(no_args_is_help=True, help="The experiment spec, resolved (docs/spec.md explains each key).")
+config_app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="The experiment spec, resolved (docs/spec.md explains each key).")
 
 
 @config_app.command("show")
@@ -507,7 +603,12 @@ def config_show(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, as for fit.", show_default=False),
 ) -> None:
     """Print the spec a `fit` of CONFIG with these overrides would train (defaults filled in, validated), without training."""
-    emit(config_mod.show(config_mod.load(config, overrides or [])))
+    cfg = config_mod.load(config, overrides or [])
+    if cfg.data.path is not None:  # checked against its data's shape and classes, as fit does (the layers written out)
+        from .run.resources import source
+
+        config_mod.check_data(cfg, source(cfg).info())
+    emit(config_mod.show(cfg))
 
 
 app.add_typer(config_app, name="config")
@@ -517,7 +618,7 @@ app.add_typer(config_app, name="config")
 
 from .data import datasets as data_mod  # noqa: E402 - kept with the commands that use it
 
-data_app = typer.Typer(no_args_is_help=True, help="Download, verify and list the datasets.")
+data_app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="Download, verify and list the datasets.")
 
 
 @data_app.command("fetch")

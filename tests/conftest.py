@@ -30,6 +30,12 @@ def small():
     return list(SMALL)
 
 
+def for_arch(small_args: list, overrides) -> list:
+    """`small_args` fit for `overrides`: an arch other than the mlp takes no model.widths."""
+    conv = any(o.startswith("model.arch=") and o != "model.arch=mlp" for o in overrides)
+    return [a for a in small_args if not (conv and a.startswith("model.widths="))]
+
+
 class MirrorHandler(BaseHTTPRequestHandler):
     """The first path segment picks the behaviour: /good/NAME, /corrupt/NAME (the byte
     `server.corrupt_at` from the end flipped), /truncated/NAME (half the promised body, then the
@@ -152,7 +158,8 @@ main()
 
 
 def args_of(small, variant, *extra):
-    return [*small, f"train.epochs={EPOCHS}", *VARIANTS[variant], *extra]
+    args = [*small, f"train.epochs={EPOCHS}", *VARIANTS[variant], *extra]
+    return for_arch(args, args)
 
 
 @pytest.fixture(scope="module")

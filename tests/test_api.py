@@ -57,7 +57,7 @@ def test_open_run_gives_the_subnetwork_and_evaluates_it(fitted):
 
 
 def test_bad_input_raises_the_commands_one_line_error_and_leaves_nothing(tmp_path):
-    with pytest.raises(ConfigError, match="model.k: expected a fraction in"):
+    with pytest.raises(ConfigError, match=r"model__k \(model.k\): expected a fraction in"):  # the argument's own name
         scoretrain.fit(FC, SMALL, runs_dir=tmp_path, model__k=1.5)
     with pytest.raises(ConfigError, match="unknown key"):
         scoretrain.fit(FC, SMALL, runs_dir=tmp_path, model__kk=0.5)

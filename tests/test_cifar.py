@@ -6,6 +6,7 @@ conftest.py) whose first path segment picks its behaviour: /good/, /corrupt/ (on
 flipped), /truncated/ (half the promised body, then the connection closes), anything else 404.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -94,7 +95,8 @@ def serve(mirror_server, monkeypatch, tmp_path):
 
     def serve(body: bytes, *modes: str):
         srv.files[ARCHIVE] = body
-        spec = data.DatasetSpec(NAME, {"archive": ("cifar-10-python.tar", data.Sha256(None, sha(body)))}, ())
+        spec = dataclasses.replace(data.DATASETS[NAME], files={"archive": ("cifar-10-python.tar", data.Sha256(None, sha(body)))},
+                                   mirrors=())
         monkeypatch.setitem(data.DATASETS, NAME, spec)
         monkeypatch.setenv("SCORETRAIN_MIRRORS", ",".join(srv.url(m) for m in modes))
         return srv
@@ -111,8 +113,9 @@ def cache(tmp_path):
 
 
 def test_registry():
-    assert data.SHAPES[NAME] == (32, 32, 3, 10)
-    assert set(data.SHAPES) == set(data.DATASETS)
+    spec = data.DATASETS[NAME]
+    assert (spec.image_shape, len(spec.classes), spec.format) == ((32, 32, 3), 10, "cifar10")
+    assert data.Builtin(NAME).info().image_shape == (32, 32, 3)
     assert data.DATASETS[NAME].mirrors == ("https://www.cs.toronto.edu/~kriz/",)
     (fn, sums), = data.DATASETS[NAME].files.values()
     assert fn + ".gz" == ARCHIVE and sums.raw is None and len(sums.gz) == 64
@@ -183,7 +186,7 @@ def test_a_bad_download_is_refused_in_one_line_and_leaves_nothing(serve, cache, 
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"dataset {NAME}: could not download {ARCHIVE} from any mirror (")
     assert ("truncated" in msg) == ("truncated" in modes) and ("SHA-256 mismatch" in msg) == ("corrupt" in modes)
-    assert list(cache.iterdir()) == []  # no partial file, no temp file, nothing extracted
+    assert not cache.parent.exists()  # no partial file, no temp file, nothing extracted, no folder
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])

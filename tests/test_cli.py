@@ -5,6 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import for_arch
 from typer.testing import CliRunner
 
 from scoretrain.run import store
@@ -107,7 +108,7 @@ def test_run_file_is_readable_while_training_would_be(tmp_path, small):
 @pytest.mark.parametrize("variant", [["model.method=biprop"], ["model.method=supermask", "train.lr=50", "train.weight_decay=0"],
                                      ["model.k_scope=global"], ["model.arch=lenet", "model.width=0.125"]])
 def test_every_method_and_arch_is_reproduced_by_eval(tmp_path, small, variant):
-    assert fit(tmp_path, *small, *variant, "--name", "r").exit_code == 0
+    assert fit(tmp_path, *for_arch(small, variant), *variant, "--name", "r").exit_code == 0
     run = store.load(tmp_path / "r")
     assert run.metrics["test_acc"][-1] > 0.3  # learned something (chance: 0.1)
     out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"]).output)
@@ -134,3 +135,60 @@ def test_config_show_prints_the_spec_fit_would_train_and_trains_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
     bad = runner.invoke(app, ["config", "show", FC, "model.k=2"])
     assert bad.exit_code == 2 and "model.k" in bad.output  # validated as fit validates it
+
+
+def test_version_and_short_help():
+    import subprocess
+    import sys
+
+    from scoretrain import __version__
+
+    out = subprocess.run([sys.executable, "-m", "scoretrain", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == f"scoretrain {__version__}\n"
+    for args in (["-h"], ["sweep", "-h"], ["data", "-h"], ["config", "show", "-h"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage:" in result.output, args
+
+
+def test_help_names_each_extra_as_the_readme_does():
+    """README's table of extras, and the --help of the command each is for."""
+    import re
+    import subprocess
+    import sys
+
+    table = dict(re.findall(r"^\| `(\w+)` \| `?([a-z ]+?)[ `]", (ROOT / "README.md").read_text(), re.M))
+    assert {"plot", "onnx", "slurm"} <= set(table), table
+    for extra, command in (("plot", "compare"), ("onnx", "export"), ("slurm", "sweep")):
+        out = subprocess.run([sys.executable, "-m", "scoretrain", command, "--help"], capture_output=True, text=True,
+                             env={**__import__("os").environ, "COLUMNS": "500"})
+        assert f"pip install 'scoretrain[{extra}]'" in out.stdout, (extra, command)
+        assert table[extra] == command, table
+
+
+def test_export_makes_a_missing_folder_as_fit_makes_its_runs_dir(tmp_path, small):
+    assert fit(tmp_path / "runs", *small, "train.epochs=1", "--name", "r").exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "out" / "deep" / "r.npz")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "deep" / "r.npz").is_file()
+
+
+def test_inspect_reads_a_ticket_as_eval_does(tmp_path, small):
+    assert fit(tmp_path, *small, "train.epochs=1", "--name", "r").exit_code == 0
+    assert runner.invoke(app, ["export", str(tmp_path / "r"), "--to", str(tmp_path / "r.ticket")]).exit_code == 0
+    run = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "r"), "--json"]).stdout)
+    result = runner.invoke(app, ["inspect", str(tmp_path / "r.ticket"), "--json"])
+    assert result.exit_code == 0, result.output
+    ticket = json.loads(result.stdout)
+    assert ticket["status"] == "ticket" and ticket["kept"] == run["kept"] and ticket["test_acc"] == run["test_acc"]
+    assert [L["kept"] for L in ticket["layers"]] == [L["kept"] for L in run["layers"]]
+    assert [L["weights"] for L in ticket["layers"]] == [L["weights"] for L in run["layers"]]  # regenerated from the seed
+    table = runner.invoke(app, ["inspect", str(tmp_path / "r.ticket")])
+    assert table.exit_code == 0 and "ticket" in table.stdout and "kept" in table.stdout
+
+
+def test_bn_recalibration_beyond_the_training_set_is_refused_once_its_size_is_known(tmp_path):
+    """With data.train_samples null, the refusal waits for the data's size: still before any folder."""
+    result = runner.invoke(app, ["fit", FC, "model.arch=lenet", "model.width=0.125", "model.bn=nonaffine", "device=cpu",
+                                 "train.bn_recalibration=60001", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "train.bn_recalibration: expected at most the 60,000 training images" in result.stderr
+    assert list(tmp_path.iterdir()) == []

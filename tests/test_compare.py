@@ -201,3 +201,25 @@ def test_a_newer_format_in_a_folder_scan_is_unreadable_with_its_reason(runs):
 def test_csv_and_json_together_are_refused(runs):
     result = compare(runs, "--csv", "--json")
     assert result.exit_code == 2 and "choose one" in result.output
+
+
+def test_runs_in_sweep_folders_below_are_read_and_named_by_their_path(runs, tmp_path):
+    top = tmp_path / "top"
+    shutil.copytree(runs, top / "k-sweep")
+    (top / "k-sweep" / "sweep.yaml").write_text("format: scoretrain-sweep\n")
+    shutil.copytree(runs / "dense", top / "dense")
+    (top / "k-sweep" / ".logs" / "k9").mkdir(parents=True)  # dot folders are not searched
+    assert sorted(names(top)) == ["dense", "k-sweep/dense", "k-sweep/k0.3", "k-sweep/k0.7"]
+
+
+def test_group_by_says_which_keys_its_groups_pool(runs):
+    result = compare(runs, "--group-by", "model.init", "--json")  # one group: k0.3, k0.7 and dense
+    assert result.exit_code == 0, result.output
+    [group] = json.loads(result.stdout)
+    assert group["runs"] == 3 and group["differs"] == ["model.method", "model.k", "train.epochs"]
+    warning = result.stderr.splitlines()
+    assert len(warning) == 1 and "1 of 1 groups pool runs that differ in model.method, model.k, train.epochs" in warning[0]
+    assert "--group-by model.init,model.method,model.k,train.epochs" in warning[0]
+    split = compare(runs, "--group-by", "model.init,model.method,model.k,train.epochs")
+    assert split.exit_code == 0 and split.stderr == ""
+    assert "differs in" not in split.stdout and "differs in" in compare(runs, "--group-by", "model.init").stdout

@@ -58,7 +58,7 @@ def test_resolved_spec_round_trips_through_yaml(tmp_path):
         ("model.widths=[784,250,9]", "model.widths[-1]: expected 10 (the classes of mnist), got 9"),
         ("model.widths=[784,a,10]", "model.widths[1]: expected an integer, got 'a'"),
         ("model.method=lottery", "model.method: expected one of edge-popup, dense, supermask, biprop, iterand, got 'lottery'"),
-        ("model.arch=resnet", "model.arch: expected one of mlp, lenet, conv2, conv4, conv6, conv8, resnet20, resnet32, resnet56, resnet18, wrn28, got 'resnet'"),
+        ("model.arch=resnet", "model.arch: expected one of mlp, lenet, conv2, conv4, conv6, conv8, resnet20, resnet32, resnet56, resnet18, wrn28, custom, or resnetN (N = 6n + 2: 8, 14, 20, ...), wrnN (N = 6n + 4: 10, 16, 22, 28, ...), got 'resnet'"),
         ("model.k_scope=net", "model.k_scope: expected one of layer, global, got 'net'"),
         ("train.schedule=linear", "train.schedule: expected one of cosine, constant, step, got 'linear'"),
         ("device=tpu", "device: expected auto, cpu, gpu or gpu:N, got 'tpu'"),
@@ -114,7 +114,7 @@ def test_the_low_density_config_keeps_10036_of_266200_weights(tmp_path):
     from scoretrain.run import store
     from scoretrain.cli import app
 
-    args = ["data.train_samples=500", "data.test_samples=200", "train.epochs=1", "model.k_warmup_epochs=1", "device=cpu"]
+    args = ["data.train_samples=500", "data.test_samples=200", "train.epochs=1", "model.k_warmup_epochs=0", "device=cpu"]
     result = CliRunner().invoke(app, ["fit", str(ROOT / "configs/mnist_low_density.yaml"), *args, "--runs-dir", str(tmp_path), "--name", "d", "-q"])
     assert result.exit_code == 0, result.output
     run = store.load(tmp_path / "d")

@@ -338,7 +338,7 @@ FITS = {
     "resnet20": ["configs/mnist_resnet20.yaml", "model.width=0.125", "data.train_samples=128", "train.batch_size=64",
                  "train.bn_recalibration=64"],
 }
-COMMON = ["train.epochs=2", "data.test_samples=200", "train.eval_batch_size=100"]
+COMMON = ["train.epochs=2", "data.test_samples=200", "train.eval_batch_size=100", "train.conv_engine=im2col"]  # the kernels against im2col
 
 
 def fit(tmp_path, name, args, monkeypatch=None, exact_loss=False):

@@ -13,7 +13,7 @@ def test_shipped_mnist_loads_and_matches_its_known_statistics():
     ds = data.load("mnist")
     assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
     assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int64
-    assert data.SHAPES["mnist"] == (28, 28, 1, 10)
+    assert ds.info == data.Builtin("mnist").info() and ds.info.image_shape == (28, 28, 1) and ds.info.n_classes == 10
     assert np.bincount(ds.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     mean, std = data.standardization(ds.x_train)

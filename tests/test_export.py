@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import for_arch
 from typer.testing import CliRunner
 
 from scoretrain.run import store
@@ -38,7 +39,7 @@ def trained(small, tmp_path_factory):
     def get(name):
         if name not in _built:
             runs = tmp_path_factory.mktemp("export-runs")
-            result = runner.invoke(app, ["fit", FC, *small, *RUNS[name], "--name", name, "--runs-dir", str(runs), "-q"])
+            result = runner.invoke(app, ["fit", FC, *for_arch(small, RUNS[name]), *RUNS[name], "--name", name, "--runs-dir", str(runs), "-q"])
             assert result.exit_code == 0, result.output
             _built[name] = runs / name
         return _built[name]
@@ -175,7 +176,7 @@ def test_refuses_to_overwrite_unless_forced_and_leaves_no_temp_files(trained, tm
 @pytest.mark.parametrize("make,message", [
     (lambda run, tmp: (tmp / "missing", tmp / "a.npz"), "no such run directory"),
     (lambda run, tmp: (tmp, tmp / "a.npz"), "not a scoretrain run"),
-    (lambda run, tmp: (run, tmp / "no-folder" / "a.npz"), "no such folder"),
+    (lambda run, tmp: (run, run / "run.h5" / "a.npz"), "not a folder (a file)"),
     (lambda run, tmp: (run, tmp), "is a folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, make, message):
@@ -211,7 +212,7 @@ def scoretrain_logits(run_dir):
     run, cfg = store.open_run(run_dir)
     cpu = Backend(np, "cpu")
     dd = resources.load_data(cfg, cpu, run.attrs["input_mean"], run.attrs["input_std"])
-    net = resources.network(cfg, cpu, run.weights, run.scores, run.norms)
+    net = resources.network(cfg, dd.info, cpu, run.weights, run.scores, run.norms)
     return net.logits(dd.x_test, resources.stored_subnetwork(net, run.masks))
 
 

@@ -103,7 +103,7 @@ def test_the_cupy_code_path_trains_units_bit_identically(granularity):
 
 
 def test_a_per_unit_run_reads_evaluates_and_resumes_exactly(tmp_path, small, reference):
-    extra = ("model.score_granularity=filter", "model.widths=[784,64,64,10]")
+    extra = ("model.score_granularity=filter", "model.widths=[784,64,64,10]", "model.dense_last=true")  # (no class pruned)
     run_dir = stopped_run(tmp_path, small, *extra)
     ev = json.loads(runner.invoke(app, ["eval", str(run_dir), "--json"]).stdout)
     assert ev["matches_record"] and ev["masks_match_scores"]

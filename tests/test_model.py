@@ -181,21 +181,21 @@ def test_global_scope_keeps_k_of_the_whole_network():
 
 def test_signed_constant_init_and_seed_reproducibility():
     cfg = ModelConfig(widths=[20, 30, 10], init="signed_constant")
-    w1, s1 = init_network(cfg, seed=7)
-    w2, s2 = init_network(cfg, seed=7)
-    w3, _ = init_network(cfg, seed=8)
+    w1, s1 = init_network(cfg, 7, (20, 1, 1))
+    w2, s2 = init_network(cfg, 7, (20, 1, 1))
+    w3, _ = init_network(cfg, 8, (20, 1, 1))
     for a, b in zip(w1 + s1, w2 + s2):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(w1[0], w3[0])
     np.testing.assert_allclose(np.unique(np.abs(w1[0])), [np.sqrt(2.0 / 20)], rtol=1e-6)
-    scaled, _ = init_network(ModelConfig(widths=[20, 30, 10], k=0.5, scale_fan=True), seed=7)
+    scaled, _ = init_network(ModelConfig(widths=[20, 30, 10], k=0.5, scale_fan=True), 7, (20, 1, 1))
     np.testing.assert_allclose(np.abs(scaled[0]), np.sqrt(2.0 / (0.5 * 20)), rtol=1e-6)
 
 
 def test_every_method_starts_from_the_same_random_weights():
-    base, _ = init_network(ModelConfig(method="edge-popup", widths=[20, 30, 10]), seed=1)
+    base, _ = init_network(ModelConfig(method="edge-popup", widths=[20, 30, 10]), 1, (20, 1, 1))
     for method in ("dense", "biprop", "supermask"):
-        w, s = init_network(ModelConfig(method=method, widths=[20, 30, 10]), seed=1)
+        w, s = init_network(ModelConfig(method=method, widths=[20, 30, 10]), 1, (20, 1, 1))
         assert (s is None) == (method == "dense")
         for a, b in zip(base, w):
             np.testing.assert_array_equal(a, b)
@@ -512,10 +512,11 @@ from scoretrain.run import config, resources, step, train
 cfg = config.load(sys.argv[1], sys.argv[2:])
 backend = Backend(np, "cpu")
 loops = [f for f in vars(kernels).values() if hasattr(f, "signatures")]
-step.warm_up(cfg, backend)
+info = resources.data_info(cfg)
+step.warm_up(cfg, backend, info)
 warmed = {f.__name__: len(f.signatures) for f in loops}
-weights, scores = resources.initial_tensors(cfg)
-net = resources.network(cfg, backend, weights, scores)
+weights, scores = resources.initial_tensors(cfg, info)
+net = resources.network(cfg, info, backend, weights, scores)
 opt = optim.make(np, net.params, cfg.train)
 rng = np.random.default_rng(1)
 x, y = rng.standard_normal((256, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 256)

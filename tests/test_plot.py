@@ -125,6 +125,7 @@ def test_nothing_to_plot_is_one_line(runs, tmp_path):
     with h5py.File(runs / "dense" / "run.h5", "r+") as f:  # just started: no epoch finished yet
         for key in f["metrics"]:
             f["metrics"][key].resize((0,))
+        f.attrs["epochs_done"] = 0
     result = runner.invoke(app, ["compare", str(runs / "dense"), "--plot", str(tmp_path / "sweep.png")])
     assert result.exit_code == 1 and "no run has a finished epoch to plot" in result.stderr
     assert not (tmp_path / "sweep.png").exists()

@@ -247,10 +247,10 @@ def test_model_bn_is_checked():
 
     with pytest.raises(ConfigError, match="model.bn: expected one of none, nonaffine, affine, got 'learned'"):
         load(None, ["model.arch=resnet20", "model.bn=learned"])
-    with pytest.raises(ConfigError, match="model.bn: expected none for an mlp"):
+    with pytest.raises(ConfigError, match="model.bn: affine has no effect here: it applies to the conv and residual presets"):
         load(None, ["model.bn=affine"])
     assert math.isclose(load(None, ["model.arch=resnet20", "model.bn=nonaffine"]).model.width, 1.0)
-    with pytest.raises(ConfigError, match="train.bn_recalibration: expected 0 where model.bn is none"):
+    with pytest.raises(ConfigError, match="train.bn_recalibration: expected 0 for a network without BatchNorm"):
         load(None, ["model.arch=resnet20", "train.bn_recalibration=1000"])
     with pytest.raises(ConfigError, match="train.bn_recalibration: expected an integer >= 0, got -1"):
         load(None, ["model.arch=resnet20", "model.bn=nonaffine", "train.bn_recalibration=-1"])

@@ -107,3 +107,62 @@ def test_stale_running_status_reads_as_interrupted(tmp_path):
     assert store.live_status(run) == "interrupted"
     run.attrs["status"] = "completed"
     assert store.live_status(run) == "completed"
+
+
+def test_every_array_carries_a_checksum_and_bit_rot_names_the_array(tmp_path):
+    run = sample_run()
+    run.metrics["epoch"], run.metrics["test_acc"] = [1], [0.5]
+    run.metrics.update({k: [0.0] for k in store.METRICS if k not in ("epoch", "test_acc")})
+    store.save(tmp_path, run)
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        arrays = []
+        f.visititems(lambda name, obj: arrays.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        assert arrays and all(a.fletcher32 for a in arrays), [a.name for a in arrays if not a.fletcher32]
+        chunk = f["layers/00/scores"].id.get_chunk_info(0)
+    with open(tmp_path / "run.h5", "r+b") as fh:  # one byte of the first layer's scores flipped
+        fh.seek(chunk.byte_offset + 5)
+        byte = fh.read(1)
+        fh.seek(chunk.byte_offset + 5)
+        fh.write(bytes([byte[0] ^ 1]))
+    store.load_summary(tmp_path)  # the metrics are intact
+    with pytest.raises(RunError, match=r"cannot read the array /layers/00/scores \(its checksum does not match"):
+        store.load(tmp_path)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: m.update(test_acc=[0.1, 0.2]), "test_acc has 2 values for 1 epochs"),
+    (lambda m: m.update(epoch=[3]), "epoch counts [3], not 1 to 1"),
+])
+def test_metrics_that_are_not_one_row_per_epoch_are_refused(tmp_path, edit, problem):
+    run = sample_run()
+    run.metrics = {k: [0.5] for k in store.METRICS}
+    run.metrics["epoch"] = [1]
+    edit(run.metrics)
+    store.save(tmp_path, run)
+    for read in (store.load, store.load_summary):
+        with pytest.raises(RunError, match="inconsistent metrics") as e:
+            read(tmp_path)
+        assert problem in str(e.value)
+
+
+def test_folder_kinds_and_a_runs_dir_that_is_not_a_folder_of_runs(tmp_path):
+    assert store.folder_kind(tmp_path / "missing") is None and store.folder_kind(tmp_path) is None
+    run_dir = store.create_run_dir(tmp_path / "runs", "a", "x")
+    store.save(run_dir, sample_run())
+    assert store.folder_kind(run_dir) == "a run folder" and store.folder_kind(tmp_path / "runs") == "a folder of runs"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.yaml").write_text("format: scoretrain-sweep\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    assert store.folder_kind(tmp_path / "s") == "a sweep folder" and store.folder_kind(tmp_path / "d") == "a dataset folder"
+    for folder, kind in ((run_dir, "a run folder"), (tmp_path / "s", "a sweep folder"), (tmp_path / "d", "a dataset folder")):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(RunError, match=f"--runs-dir is {kind}, not a folder of runs"):
+            store.create_run_dir(folder, None, "x")
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_run_that_cannot_start_takes_back_the_folders_made_for_it(tmp_path):
+    run_dir = store.create_run_dir(tmp_path / "new" / "deep", None, "x")
+    store.remove_unstarted(run_dir)
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ FC = "configs/mnist_fc.yaml"
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["model.k=0.1,0.5", "seed=0:2"]
 NAMES = ["k0.1-seed0", "k0.1-seed1", "k0.5-seed0", "k0.5-seed1"]
-BASE = [*SMALL, f"train.epochs={EPOCHS}"]  # EPOCHS: conftest.assert_identical's
+BASE = [*(o for o in SMALL if not o.startswith("train.epochs=")), f"train.epochs={EPOCHS}"]  # EPOCHS: conftest.assert_identical's (a sweep takes each key once)
 THREADS = max(1, sweep_mod.cores() // 2)  # each worker's BLAS threads in a pool of 2: the bits depend on them
 POOL_ENV = sweep_mod.worker_env(THREADS)
 
@@ -169,7 +169,7 @@ def test_running_it_again_trains_nothing_and_changes_nothing(uninterrupted, tmp_
     shutil.copytree(uninterrupted, folder)
     before = digests(folder)
     out = scoretrain("sweep", FC, *GRID, *BASE, "--jobs", "2", "--runs-dir", str(folder))
-    assert out.returncode == 0 and "all 4 runs are done; nothing to train" in out.stderr
+    assert out.returncode == 0 and "all 4 runs are completed; nothing to train" in out.stderr
     assert digests(folder) == before
     status = scoretrain("sweep", "--status", str(folder))
     assert status.returncode == 0 and "4 runs: 4 completed" in status.stdout
@@ -233,7 +233,8 @@ def test_a_sweep_stopped_by_sigterm_leaves_its_runs_resumable(tmp_path):
     proc.send_signal(signal.SIGTERM)
     (tmp_path / "go").touch()
     out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert f"continue with: scoretrain sweep {FC} {' '.join(GRID)}" in err.splitlines()[-1], err  # how to go on
     assert sweep_mod.state(folder / NAMES[0])[0] == "interrupted"
     assert all(sweep_mod.state(folder / n)[0] == "missing" for n in NAMES[1:])
 
@@ -339,3 +340,87 @@ def test_shipped_sweep_files_plan_and_fit_refuses_them(path):
     assert len(plan.runs) > 1 and all(name for name in plan.runs)
     out = scoretrain("fit", str(path))
     assert out.returncode == 2 and "train it with `scoretrain sweep FILE`" in out.stderr
+
+
+# --- mistakes and faults: what the grid means, failed runs, the exit code, folders --------------
+
+
+def test_a_nested_sweep_section_long_names_and_equal_values():
+    grid = sweep_mod.parse({"sweep": {"model": {"k": [0.1, 0.3]}, "seed": "0:2"}}, [])
+    assert grid.axes == {"model.k": [0.1, 0.3], "seed": [0, 1]}
+    widths = [f"[784,{','.join(['16'] * n)},10]" for n in (40, 41)]  # names of 170 and more characters
+    runs = sweep_mod.run_names(sweep_mod.parse({}, ["model.widths=" + ",".join(widths)]))
+    assert len(runs) == 2 and all(len(n) <= sweep_mod.NAME_LIMIT and n[-13] == "-" for n in runs)
+    assert list(sweep_mod.run_names(sweep_mod.parse({}, ["model.widths=" + ",".join(widths)]))) == list(runs)  # the same each time
+    assert [o[-1] for o in runs.values()] == [f"model.widths={json.dumps(json.loads(w))}" for w in widths]  # sweep.yaml keeps them whole
+    with pytest.raises(sweep_mod.ConfigError, match=r"runs lr0.1 \(train.lr=0.1\) and lr1e-1 \(train.lr=1e-1\) are the same spec"):
+        sweep_mod.plan(REPO / FC, ["train.lr=0.1,1e-1", *SMALL])
+
+
+# In every Python process of a sweep: the worker of run $ST_FAIL_RUN runs out of memory after
+# epoch 1, once (a fault that a second try does not meet).
+FAIL_ONCE = r"""
+import os, sys
+from pathlib import Path
+if "sweep-worker" in sys.argv and os.environ.get("ST_FAIL_RUN") in sys.argv:
+    flag = Path(os.environ["ST_HOOK"]) / "failed-once"
+    from scoretrain.run import progress
+    end = progress.Reporter.epoch_end
+    def epoch_end(self, row, *a, **k):
+        end(self, row, *a, **k)
+        if row["epoch"] == 1 and not flag.exists():
+            flag.touch()
+            raise MemoryError("an allocation failed")
+    progress.Reporter.epoch_end = epoch_end
+"""
+
+
+def test_a_failed_run_is_said_with_its_reason_and_retried_only_when_asked(tmp_path):
+    folder = tmp_path / "sweep"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ONCE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO)]), ST_HOOK=str(tmp_path), ST_FAIL_RUN="k0.3")
+    args = ["sweep", FC, "model.k=0.1,0.3", *SMALL, "--runs-dir", str(folder)]
+    out = scoretrain(*args, env=env)
+    assert out.returncode == 1 and "1 failed (k0.3): add --retry-failed to train it again" in out.stderr, out.stderr
+    for again in (args, [*args, "--dry-run"], ["sweep", "--status", str(folder)]):
+        out = scoretrain(*again, env=env)
+        assert "k0.3: failed: out of memory (an allocation failed)" in out.stdout, out.stdout
+    out = scoretrain(*args, env=env)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr  # whatever the rerun skipped
+    assert "nothing to train: 1 of 2 runs did not complete: 1 failed (k0.3)" in out.stderr
+    out = scoretrain(*args, "--retry-failed", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "1 of 2 runs to train" in out.stderr and "2 runs: 2 completed" in out.stdout
+    run = store.load_summary(folder / "k0.3")
+    assert run.attrs["status"] == "completed" and run.metrics["epoch"] == [1, 2]  # resumed from its last finished epoch
+
+
+def test_a_run_whose_data_is_missing_leaves_no_folder(tmp_path):
+    """The sweep command refuses missing data before anything exists; a worker that meets it (the
+    data removed since) fails in one line and leaves no empty run folder behind."""
+    folder = tmp_path / "sweep"
+    out = scoretrain("sweep", FC, "model.k=0.1,0.3", *SMALL, f"data.root={tmp_path / 'nodata'}", "--runs-dir", str(folder))
+    assert out.returncode == 1 and "files not found" in out.stderr and out.stderr.count("\n") == 1
+    assert not folder.exists()
+    plan = sweep_mod.plan(REPO / FC, ["model.k=0.1,0.3", *SMALL, f"data.root={tmp_path / 'nodata'}"])
+    sweep_mod.settle(folder, plan, False)
+    out = scoretrain("sweep-worker", str(folder), "k0.1")
+    assert out.returncode == 1 and "files not found" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.yaml"]
+
+
+def test_a_refused_job_array_leaves_the_folder_as_it_was(tmp_path):
+    """sbatch refuses the array (a bad partition): one line, and the new sweep folder is gone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = scoretrain("sweep", FC, "model.k=0.1,0.3", *SMALL, "--launcher", "slurm", "--partition", "nope",
+                     "--runs-dir", str(tmp_path / "s"), env=env)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "Slurm refused the job array: sbatch: error: invalid partition specified: nope" in out.stderr
+    assert not (tmp_path / "s").exists()

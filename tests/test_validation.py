@@ -58,7 +58,7 @@ def test_fit_measures_the_split_every_epoch_and_compare_selects_by_it(tmp_path, 
     assert len(m["val_acc"]) == 3 and all(0.1 < a <= 1 for a in m["val_acc"]) and all(math.isfinite(x) for x in m["val_loss"])
     # the recorded figure is the stored network measured on the held-out images
     dd = load_data(cfg, Backend(np, "cpu"), run.attrs["input_mean"], run.attrs["input_std"])
-    net = network(cfg, Backend(np, "cpu"), run.weights, run.scores)
+    net = network(cfg, dd.info, Backend(np, "cpu"), run.weights, run.scores)
     loss, acc = evaluate(net, net.subnetwork(run.masks), dd.x_val, dd.y_val, cfg.train.eval_batch_size)
     assert (loss, acc) == (m["val_loss"][-1], m["val_acc"][-1])
     row = json.loads(cli("compare", tmp_path / "v", "--json").stdout)[0]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..run import config as config_mod
 from ..nn import optim
+from ..kernels import conv_engine
 from ..kernels.backend import Backend
 from ..run.config import Config, ModelConfig, TrainConfig
 from ..errors import ConfigError
@@ -204,9 +205,15 @@ def recipe(net: str) -> Config:
 
 
 def measure_net(backend: Backend, x, y, net_name: str, steps: int, rounds: int, split_steps: int) -> dict:
-    """The shipped config's training step as `fit` takes it: its best round of `steps` steps, and
-    where a step's time goes (layer_split)."""
+    """The shipped config's training step as `fit` takes it, on its conv engine (train.conv_engine:
+    auto): its best round of `steps` steps, and where a step's time goes (layer_split)."""
     cfg = recipe(net_name)
+    engine = conv_engine.resolve(cfg.train.conv_engine, backend.xp)
+    with conv_engine.using(engine):
+        return {**_measure_net(backend, x, y, net_name, cfg, steps, rounds, split_steps), "conv_engine": engine.describe()}
+
+
+def _measure_net(backend: Backend, x, y, net_name: str, cfg: Config, steps: int, rounds: int, split_steps: int) -> dict:
     h, w, c = x.shape[1:]
     weights, scores = init_network(cfg.model, cfg.seed, (h, w, c), 10)
     net = Network(backend.xp, cfg.model, weights, scores, (h, w, c), 10)
@@ -252,6 +259,7 @@ def layer_split(backend: Backend, net, opt, x, y, batches, lr) -> dict:
             if inner:
                 inner[-1] += dt
             return out
+        call.fusable = True  # a block still fuses the layers it times (nn/layers.py own_code)
         return call
 
     layers = list(walk(net.layers))
@@ -284,7 +292,7 @@ def run_net(backend: Backend, x, y, net_name: str, quick: bool, console) -> dict
     console.print(f"bench on {backend.name} ({backend.device}): configs/mnist_{net_name}.yaml ({r['method']} {r['arch']} "
                   f"x{r['width']:g}, batch {r['batch_size']}, lr {r['lr']:g}): {r['seconds_per_step']:.4f} s/step (best of {rounds} "
                   f"rounds of {steps}), {r['seconds_per_epoch']:.1f} s/epoch, {r['samples_per_second']:,.0f} samples/s"
-                  f"{'  (CUDA graph)' if r['cuda_graph'] else ''}", soft_wrap=True, markup=False)
+                  f"{'  (CUDA graph)' if r['cuda_graph'] else ''}; conv engine {r['conv_engine']}", soft_wrap=True, markup=False)
     t = Table(title="where a step goes (a pass that syncs after each layer)", title_justify="left")
     for col in ("phase", "ms / step", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")

@@ -47,27 +47,40 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def run_dirs(path: Path) -> tuple[list[Path], bool]:
-    """The run directories a command-line path stands for, and whether it named a run itself."""
+    """The run directories a command-line path stands for, and whether it named a run itself:
+    the runs in a folder and in the folders below it (sweep folders, folders of runs), not in
+    dot folders (a sweep's .logs) and not through symbolic links."""
     if not path.exists():
         raise RunError(f"{path}: no such run directory or folder")
     if not path.is_dir():
         raise RunError(f"{path}: not a run directory (give the folder that holds {store.RUN_FILE})")
     if _is_run_dir(path):
         return [path], True
-    found = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and _is_run_dir(d))
+    found = sorted(_runs_below(path))
     if not found:
         raise RunError(f"{path}: no runs here (neither a run directory nor a folder of run directories)")
     return found, False
 
 
-def read_row(run_dir: Path, keys: tuple = ()) -> dict:
-    """A run's row; with `keys` (dotted config keys: --group-by), also its spec's value of each."""
+def _runs_below(folder: Path):
+    for d in folder.iterdir():
+        if d.name.startswith(".") or d.is_symlink() or not d.is_dir():
+            continue
+        if _is_run_dir(d):
+            yield d
+        else:
+            yield from _runs_below(d)
+
+
+def read_row(run_dir: Path, keys: tuple = (), name: str | None = None) -> dict:
+    """A run's row (named `name`, default its folder's name); with `keys` (dotted config keys:
+    --group-by), also its spec's value of each, and its whole spec (`_spec`, dotted keys)."""
     run = store.load_summary(run_dir)
     cfg = store.load_spec(run_dir, run)
     m, model = run.metrics, cfg.model
     row = dict.fromkeys(FIELDS)
     mlp, has_k = model.arch == "mlp", model.method in config_mod.K_METHODS  # dense and supermask have no k
-    row.update(name=run_dir.name, path=str(run_dir), method=model.method,
+    row.update(name=name or run_dir.name, path=str(run_dir), method=model.method,
                widths=list(model.widths) if mlp else None, arch=model.arch, width=None if mlp else model.width,
                k=model.k if has_k else None, k_scope=model.k_scope if has_k else None,
                init=model.init, scale_fan=model.scale_fan, epochs_done=run.epochs_done, epochs=cfg.train.epochs, status=store.live_status(run),
@@ -82,7 +95,17 @@ def read_row(run_dir: Path, keys: tuple = ()) -> dict:
     spec = cfg.to_dict()
     for key in keys:
         row[key] = spec_value(spec, key)
+    if keys:
+        row["_spec"] = dict(_dotted(spec))
     return row
+
+
+def _dotted(spec: dict, prefix: str = ""):
+    for key, value in spec.items():
+        if isinstance(value, dict) and key != "keys":  # (data.keys is a value: a mapping of names)
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def spec_value(spec: dict, key: str):
@@ -105,7 +128,11 @@ def check_keys(keys: list[str]) -> tuple:
     return tuple(keys)
 
 
-GROUP_FIELDS = ("n", "runs", "final_mean", "final_std", "best_mean", "best_std", "best_by", "seconds_per_epoch")
+GROUP_FIELDS = ("n", "runs", "final_mean", "final_std", "best_mean", "best_std", "best_by", "seconds_per_epoch", "differs")
+
+# Keys in which the runs of a group may differ besides the group's keys: the seed (the spread is
+# over it), and where and how a run was computed, which changes its last bits at most.
+POOLED = ("seed", "device", "data.root", "train.eval_batch_size", "train.cuda_graph", "train.tensorboard", "train.conv_engine")
 
 
 def groups(rows: list[dict], keys: tuple) -> list[dict]:
@@ -113,7 +140,8 @@ def groups(rows: list[dict], keys: tuple) -> list[dict]:
     n, the mean and standard deviation (n - 1) of the final and the best test accuracy, where
     best is the test accuracy at the best validation epoch when every run of the group has a
     validation split (else the best test accuracy), and the mean seconds per epoch. `runs`
-    counts every run of the group, unfinished ones too."""
+    counts every run of the group, unfinished ones too; `differs` lists the other keys in which
+    its runs differ (besides POOLED), which the caller must say."""
     import statistics
 
     by = {}
@@ -134,9 +162,28 @@ def groups(rows: list[dict], keys: tuple) -> list[dict]:
                  best_mean=statistics.fmean(bests) if bests else None,
                  best_std=statistics.stdev(bests) if len(bests) > 1 else None,
                  best_by="val" if by_val else "test",
-                 seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in done) if done else None)
+                 seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in done) if done else None,
+                 differs=_differs(members, keys))
         out.append(g)
     return out
+
+
+def _differs(members: list[dict], keys: tuple) -> list[str]:
+    """The spec keys, other than `keys` and POOLED, whose values are not the same in every run."""
+    specs = [r["_spec"] for r in members]
+    return [k for k in specs[0] if k not in keys and k not in POOLED
+            and len({json.dumps(s.get(k), sort_keys=True, default=str) for s in specs}) > 1]
+
+
+def pooled_warning(grouped: list[dict], keys: tuple) -> str | None:
+    """One line where some group pools runs that differ in more than its keys and the seed:
+    which keys, and the --group-by that splits them."""
+    differ = list(dict.fromkeys(k for g in grouped for k in g["differs"]))
+    if not differ:
+        return None
+    n = sum(1 for g in grouped if g["differs"])
+    return (f"warning: {n} of {len(grouped)} groups pool runs that differ in {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}"
+            f" (not only in {', '.join(keys)} and the seed): split them with --group-by {','.join([*keys, *differ[:6]])}")
 
 
 def _sortable(v):
@@ -155,14 +202,17 @@ def group_csv(rows: list[dict], keys: tuple) -> str:
 def group_table(rows: list[dict], keys: tuple) -> Table:
     t = Table(show_edge=False, pad_edge=False)
     by_val = any(r["best_by"] == "val" for r in rows)
-    for header in (*keys, "n", "final (mean ± std)", "at best val (mean ± std)" if by_val else "best (mean ± std)", "s/epoch"):
-        t.add_column(header, justify="left" if header in keys else "right", no_wrap=header not in keys)
+    mixed = any(r["differs"] for r in rows)
+    for header in (*keys, "n", "final (mean ± std)", "at best val (mean ± std)" if by_val else "best (mean ± std)", "s/epoch",
+                   *(["differs in"] if mixed else [])):
+        t.add_column(header, justify="left" if header in keys or header == "differs in" else "right", no_wrap=header not in keys)
     for r in rows:
         spread = lambda m, s: "-" if m is None else f"{100 * m:.2f}%" + ("" if s is None else f" ± {100 * s:.2f}")  # noqa: E731
         n = f"{r['n']}" if r["n"] == r["runs"] else f"{r['n']} of {r['runs']}"
         t.add_row(*(Text(_show(r[k])) for k in keys), n, spread(r["final_mean"], r["final_std"]),
                   spread(r["best_mean"], r["best_std"]) + ("" if r["best_by"] == "val" or not by_val else " (test)"),
-                  "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}")
+                  "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}",
+                  *([Text(", ".join(r["differs"]) or "-")] if mixed else []))
     return t
 
 
@@ -178,17 +228,19 @@ def collect(paths: list[Path], keys: tuple = ()) -> list[dict]:
     """Rows for all runs under `paths`, each run once; raises RunError for a bad explicit path."""
     rows, seen = [], set()
     for path in paths:
-        dirs, explicit = run_dirs(Path(path))
+        path = Path(path)
+        dirs, explicit = run_dirs(path)
         for run_dir in dirs:
             if run_dir.resolve() in seen:  # `compare runs/ runs/k0.1` lists k0.1 once
                 continue
             seen.add(run_dir.resolve())
+            name = run_dir.name if explicit else run_dir.relative_to(path).as_posix()  # sweep/k0.1 for a run below a folder
             try:
-                rows.append(read_row(run_dir, keys))
+                rows.append(read_row(run_dir, keys, name))
             except ScoretrainError as e:
                 if explicit:
                     raise RunError(str(e)) from None
-                rows.append(dict(dict.fromkeys(FIELDS), name=run_dir.name, path=str(run_dir), status="unreadable", error=str(e)))
+                rows.append(dict(dict.fromkeys(FIELDS), name=name, path=str(run_dir), status="unreadable", error=str(e)))
     return rows
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import datasets as data
 from ..run import store
-from ..run.resources import network, stored_subnetwork
+from ..run.resources import data_info, network, stored_subnetwork
 from ..kernels.backend import Backend
 from ..run.config import K_METHODS, Config
 from ..errors import ScoretrainError, os_reason
@@ -43,15 +42,17 @@ def arrays(run_dir: Path) -> tuple[dict[str, np.ndarray], store.Run, Config]:
         raise ScoretrainError(f"{run_dir}: the run is still training (pid {run.attrs.get('pid')}); export it once it has "
                               "stopped, or export a copy of its folder")
     # On NumPy whatever device trained it: the same arrays, and no GPU needed to export.
-    net = network(cfg, Backend(np, "cpu"), run.weights, run.scores, run.norms)
+    data = data_info(cfg, run.attrs)
+    net = network(cfg, data, Backend(np, "cpu"), run.weights, run.scores, run.norms)
     w_eff = stored_subnetwork(net, run.masks)
-    h, w, c, classes = data.SHAPES[cfg.data.name]
+    (h, w, c), classes = data.image_shape, data.n_classes
     test_acc = run.metrics["test_acc"]
-    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": cfg.data.name,
+    dataset = cfg.data.name or run.attrs.get("data_source") or cfg.data.path
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "dataset": dataset, "classes": list(data.classes),
             "method": cfg.model.method, "arch": cfg.model.arch, "k": cfg.model.k if cfg.model.method in K_METHODS else None,
             "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
-            "test_acc_on": (f"the first {cfg.data.test_samples} images of the {cfg.data.name} test split" if cfg.data.test_samples
-                            else f"the whole {cfg.data.name} test split"),
+            "test_acc_on": (f"the first {cfg.data.test_samples} images of the {dataset} test split" if cfg.data.test_samples
+                            else f"the whole {dataset} test split"),
             "scoretrain_version": run.attrs.get("scoretrain_version")}
     out = {f"weight_{i:02d}": np.array(we, dtype=np.float32) for i, we in enumerate(w_eff)}  # copies of the views
     out.update({f"batchnorm_{i:02d}": np.array(s, dtype=np.float32) for i, s in enumerate(net.norm_state())})  # [mean, var]
@@ -108,8 +109,8 @@ def torch_prune_tensors(run: store.Run, out: dict[str, np.ndarray]) -> dict[str,
                 tensors[f"{name}.num_batches_tracked"] = np.array(0, np.int64)
                 if spec["affine"]:
                     tensors[f"{name}.weight"], tensors[f"{name}.bias"] = state[2].copy(), state[3].copy()
-            elif kind == "maxpool":
-                h, w = h // 2, w // 2
+            elif kind in ("maxpool", "avgpool"):
+                h, w = h // spec["size"], w // spec["size"]
             elif kind == "flatten":
                 flat_from = (h, w, c)
             elif kind == "global_avg_pool":
@@ -150,8 +151,8 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
         raise ScoretrainError(f"{dest}: unknown format {dest.suffix or '(no suffix)'}; name the file FILE.npz, FILE.safetensors, FILE.onnx or FILE.ticket")
     if dest.exists() and not force:
         raise ScoretrainError(f"{dest}: already exists (use --force to overwrite it)")
-    if not dest.parent.is_dir():
-        raise ScoretrainError(f"{dest.parent}: no such folder")
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise ScoretrainError(f"{dest.parent}: not a folder (a file): give --to a path in a folder")
     out, run, cfg = arrays(run_dir)  # run.h5 read once, for every format
     encoded = None  # the whole file, made before anything is written (a missing package, a run with no ticket: one line)
     if dest.suffix == ".onnx":
@@ -178,8 +179,13 @@ def export(run_dir: Path, dest: Path, force: bool = False, layout: str = "scoret
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
             np.savez_compressed(fh, **out)  # masked weights are mostly zeros
 
+    made = store.missing_parents(dest.parent)  # created as `fit --runs-dir` creates its folder; removed again on failure
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         store.write_atomic(dest, write)
-    except OSError as e:
-        raise ScoretrainError(f"{dest}: cannot write ({os_reason(e)})") from None
+    except BaseException as e:
+        store.remove_folders(made)
+        if isinstance(e, OSError):
+            raise ScoretrainError(f"{dest}: cannot write ({os_reason(e)})") from None
+        raise
     return out, run.edited

@@ -46,11 +46,29 @@ def _movement(per_epoch: list[float]) -> dict | None:
 
 
 def inspect(run_dir: Path) -> dict:
-    """Everything `inspect` shows, as plain JSON-ready values. RunError for an unreadable run."""
+    """Everything `inspect` shows, as plain JSON-ready values, of a run directory or a ticket
+    (FILE.ticket, read as `eval` reads it). RunError for an unreadable run."""
     run_dir = Path(run_dir)
+    if run_dir.suffix == ".ticket" and run_dir.is_file():
+        return _ticket(run_dir)
     run, cfg = store.open_run(run_dir)
+    test_acc = run.metrics["test_acc"]
+    return _report(run_dir, run, cfg, store.live_status(run), run.epochs_done, test_acc[-1] if test_acc else None)
+
+
+def _ticket(path: Path) -> dict:
+    """A ticket's subnetwork: the weights regenerated from its seed and its masks; a ticket keeps
+    no scores and no per-epoch history, so those columns are empty."""
+    from . import ticket
+
+    t = ticket.read(path)
+    run = store.Run(attrs={}, weights=t.weights, masks=t.masks, norms=t.norms, k=t.spec.model.k)
+    return _report(path, run, t.spec, "ticket", t.info.get("epochs_done"), t.info.get("test_acc"))
+
+
+def _report(where: Path, run: store.Run, cfg, status: str, epochs_done, test_acc) -> dict:
     model = cfg.model
-    masked = run.scores is not None and run.masks is not None  # no masks: stopped before epoch 1 ended
+    masked = run.masks is not None  # no masks: dense, or stopped before epoch 1 ended
     layers = []
     for i, w in enumerate(run.weights):
         layer = {"layer": f"{i:02d}", "kind": "conv" if w.ndim == 4 else "linear", "shape": list(w.shape),
@@ -58,25 +76,26 @@ def inspect(run_dir: Path) -> dict:
         if run.scores is not None:
             layer["scores"] = _stats(run.scores[i])
         if masked:
-            m, s = run.masks[i], np.abs(run.scores[i])
-            units = unit_mask(m, s.shape)
+            m = run.masks[i]
+            s = None if run.scores is None else np.abs(run.scores[i])
+            units = None if s is None else unit_mask(m, s.shape)
             layer.update(
-                score_units=int(s.size),
+                score_units=None if s is None else int(s.size),
                 kept=float(m.mean()),
                 mask_change=_movement([row[i] for row in run.mask_change_layers]),
-                abs_scores_kept=_stats(s[units]), abs_scores_pruned=_stats(s[~units]),
+                abs_scores_kept=None if s is None else _stats(s[units]),
+                abs_scores_pruned=None if s is None else _stats(s[~units]),
                 # biprop uses alpha * sign(W) with alpha > 0: the sign is W's here too
                 kept_positive=float((w[m] > 0).mean()) if m.any() else None,
             )
         layers.append(layer)
-    test_acc = run.metrics["test_acc"]
     return {
-        "run": str(run_dir), "status": store.live_status(run), "method": model.method, "arch": model.arch,
+        "run": str(where), "status": status, "method": model.method, "arch": model.arch,
         "widths": list(model.widths) if model.arch == "mlp" else None, "width": None if model.arch == "mlp" else model.width,
         "k": model.k if model.method in K_METHODS else None,
         "k_scope": model.k_scope if model.method in K_METHODS else None,
-        "init": model.init, "score_granularity": model.score_granularity if run.scores is not None else None,
-        "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
+        "init": model.init, "score_granularity": model.score_granularity if masked or run.scores is not None else None,
+        "epochs_done": epochs_done, "test_acc": test_acc,
         "kept": float(sum(m.sum() for m in run.masks) / sum(m.size for m in run.masks)) if masked else None,
         "mask_change": _movement(run.metrics["mask_change"]) if masked else None,
         "config_edited": run.edited,
@@ -138,6 +157,8 @@ def tables(r: dict) -> list[Table]:
                        [shape(L) + spread(L["weights"]) for L in layers])]
     masks = _table(["layer", "kind", "shape", "kept", "mask moved first / last / total", "kept W > 0"],
                    [shape(L) + [_pct(L["kept"]), _moved(L["mask_change"]), _pct(L["kept_positive"])] for L in layers])
+    if "scores" not in layers[0]:  # a ticket keeps no scores
+        return [masks]
     scores = _table(["layer", "score mean ± std", "score min .. max", "|score| kept", "|score| pruned"],
                     [[L["layer"], *spread(L["scores"]), _f(L["abs_scores_kept"] and L["abs_scores_kept"]["mean"]),
                       _f(L["abs_scores_pruned"] and L["abs_scores_pruned"]["mean"])] for L in layers])

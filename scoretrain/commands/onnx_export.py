@@ -62,8 +62,9 @@ def model_bytes(out: dict[str, np.ndarray]) -> bytes:
             s = spec["state"]
             return op("BatchNormalization", [x, const(f"{s}_gamma", gamma), const(f"{s}_beta", beta), const(f"{s}_mean", state[0]),
                                              const(f"{s}_var", state[1])], epsilon=float(spec["eps"])), layout
-        if kind == "maxpool":
-            return op("MaxPool", [x], kernel_shape=[spec["size"]] * 2, strides=[spec["stride"]] * 2), layout
+        if kind in ("maxpool", "avgpool"):
+            pool = "MaxPool" if kind == "maxpool" else "AveragePool"
+            return op(pool, [x], kernel_shape=[spec["size"]] * 2, strides=[spec["stride"]] * 2), layout
         if kind == "global_avg_pool":
             return op("Flatten", [op("GlobalAveragePool", [x])], axis=1), "flat"
         if kind == "flatten":  # in scoretrain's channels-last order

@@ -14,16 +14,22 @@ taken and skips the run: nothing is trained twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import yaml
@@ -37,7 +43,7 @@ FORMAT = "scoretrain-sweep"
 LOGS = ".logs"  # each worker's output, NAME.log: a dot folder, which compare does not take for a run
 SLURM_DIR = ".slurm"  # submitit's job files
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-DONE = ("completed", "failed")  # states a worker leaves alone
+DONE = ("completed", "failed", "unreadable")  # states a worker leaves alone (failed ones: unless --retry-failed)
 
 
 # --- the grid --------------------------------------------------------------------------------
@@ -62,18 +68,41 @@ def _split_top(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
-RANGE_RE = re.compile(r"\s*(-?\d+):(-?\d+)(?::(\d+))?\s*")
+MAX_RUNS = 10_000  # runs in one sweep: a grid larger than this is a typo more often than a plan
+
+
+def _range(key: str, text: str) -> list | None:
+    """The integers of `a:b[:step]` (a, a+step, ... below b); None where `text` is not of that
+    form. A range of other numbers is refused with the list to give instead, as is one of more
+    than MAX_RUNS values (before any of them is made)."""
+    parts = text.strip().split(":")
+    if len(parts) not in (2, 3):
+        return None
+    try:
+        nums = [Decimal(p.strip()) for p in parts]
+    except InvalidOperation:
+        return None
+    if not all(n.is_finite() for n in nums):
+        return None
+    a, b, step = nums if len(nums) == 3 else (*nums, Decimal(1))
+    if step <= 0:
+        raise ConfigError(f"{key}={text}: a range's step must be at least 1")
+    count = max(0, math.ceil((b - a) / step))
+    if count > MAX_RUNS:
+        raise ConfigError(f"{key}={text}: {count:,} values, more than the {MAX_RUNS:,} runs a sweep may have; split the grid into several sweeps")
+    if not all(n == n.to_integral_value() for n in (a, b, step)):
+        listed = ",".join(f"{(a + i * step).normalize():f}" for i in range(min(count, 8)))
+        example = f"{key}={listed}{',...' if count > 8 else ''}" if count else f"{key}=v1,v2"
+        raise ConfigError(f"{key}={text}: a range a:b[:step] takes integers; list the values instead: {example}")
+    return list(range(int(a), int(b), int(step)))
 
 
 def _values(key: str, text: str) -> list | None:
     """The values of a grid axis given as text: `a:b[:step]` (integers a, a+step, ... < b) or
     comma-separated YAML values; None for a single value (a fixed override)."""
-    m = RANGE_RE.fullmatch(text)
-    if m:
-        a, b, step = int(m[1]), int(m[2]), int(m[3] or 1)
-        if step < 1:
-            raise ConfigError(f"{key}={text}: a range's step must be at least 1")
-        return list(range(a, b, step))
+    values = _range(key, text)
+    if values is not None:
+        return values
     parts = _split_top(text)
     if len(parts) == 1:
         return None
@@ -118,21 +147,36 @@ def _dump_value(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def _flat(section: dict, prefix: str = ""):
+    """(dotted key, value) of a `sweep:` section, nested mappings written out: {model: {k: [..]}}
+    is model.k."""
+    for key, value in section.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def parse(base: dict, overrides: list[str]) -> Grid:
-    """The grid from the base config's `sweep:` section (key: list, "a:b" or a single value) and
-    the command line's key=value arguments, the command line winning."""
+    """The grid from the base config's `sweep:` section (key: list, "a:b" or a single value;
+    nested mappings allowed) and the command line's key=value arguments, the command line
+    winning over the section; a key given twice on the command line is refused."""
     grid = Grid()
     section = base.get("sweep") or {}
     if not isinstance(section, dict):
         raise ConfigError("sweep: expected a mapping of dotted keys to lists of values, e.g. {model.k: [0.1, 0.5]}")
-    for key, value in section.items():
-        if isinstance(value, str) and RANGE_RE.fullmatch(value):
-            value = _values(key, value)
-        grid.add(str(key), value)
+    for key, value in _flat(section):
+        if isinstance(value, str) and _range(key, value) is not None:
+            value = _range(key, value)
+        grid.add(key, value)
+    given = {}
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"'{o}': expected key=value or key=v1,v2,... (e.g. model.k=0.1,0.3 seed=0:3)")
         key, text = (s.strip() for s in o.split("=", 1))
+        if key in given:
+            raise ConfigError(f"{key} is given twice ({given[key]} and {o}): give it once, with all its values (key=v1,v2,...)")
+        given[key] = o
         values = _values(key, text)
         if values is None:
             grid.fix(key, text)
@@ -140,6 +184,10 @@ def parse(base: dict, overrides: list[str]) -> Grid:
             grid.add(key, values)
     if not grid.axes:
         raise ConfigError("the grid is empty: give at least one key with several values (model.k=0.1,0.3) or a range (seed=0:3)")
+    size = math.prod(len(v) for v in grid.axes.values())
+    if size > MAX_RUNS:
+        raise ConfigError(f"the grid has {size:,} runs ({' x '.join(f'{len(v)} {k}' for k, v in grid.axes.items())}), more than the "
+                          f"{MAX_RUNS:,} a sweep may have; split it into several sweeps")
     return grid
 
 
@@ -153,16 +201,27 @@ def _name_part(value) -> str:
     return str(value)
 
 
+NAME_LIMIT = 120  # bytes of a run's name (the file system's limit is 255, and .logs/NAME.log adds to it)
+
+
+def _short(name: str) -> str:
+    """A name within NAME_LIMIT: a longer one is cut and ends in a digest of the whole, so that
+    it stays unique and the same on every run of the command (sweep.yaml keeps its overrides)."""
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    return f"{name[:NAME_LIMIT - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def run_names(grid: Grid) -> dict[str, list[str]]:
     """Every run of the grid: its name -> its overrides (fixed first, then its grid values). The
     name is each axis's last key part and value, `k0.3-seed1`: the full key where two axes
-    share a last part."""
+    share a last part; a name too long for a folder is shortened (_short)."""
     last = [k.rsplit(".", 1)[-1] for k in grid.axes]
     labels = [k.rsplit(".", 1)[-1] if last.count(k.rsplit(".", 1)[-1]) == 1 else k.replace(".", "_") for k in grid.axes]
     runs = {}
     for combo in itertools.product(*grid.axes.values()):
         name = "-".join(f"{label}{_name_part(v)}" for label, v in zip(labels, combo))
-        name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+        name = _short(re.sub(r"[^A-Za-z0-9._=+-]", "_", name))
         overrides = grid.fixed + [f"{k}={_dump_value(v)}" for k, v in zip(grid.axes, combo)]
         if name in runs:
             raise ConfigError(f"two runs of the grid would both be named {name!r} ({' '.join(runs[name][len(grid.fixed):])} "
@@ -208,9 +267,38 @@ def plan(config: Path, overrides: list[str]) -> Sweep:
     grid = parse(base, overrides)
     base = {k: v for k, v in base.items() if k != "sweep"}
     sweep = Sweep(base, str(config), run_names(grid), [{"fixed": grid.fixed, "axes": grid.axes}])
+    specs = {}
     for name in sweep.runs:
-        sweep.config(name)
+        spec = config_mod.dump(sweep.config(name))
+        if spec in specs:  # e.g. train.lr=0.1,1e-1: two names, one spec
+            first = specs[spec]
+            raise ConfigError(f"runs {first} ({' '.join(sweep.runs[first][len(grid.fixed):])}) and {name} "
+                              f"({' '.join(sweep.runs[name][len(grid.fixed):])}) are the same spec: give each value once")
+        specs[spec] = name
     return sweep
+
+
+def check_data(sweep: Sweep) -> None:
+    """Read the data of the sweep's runs once for each data section they have, as a run reads it:
+    missing files, a sample count beyond the data, a recalibration larger than the training set
+    refuse the sweep (naming a run) before any folder is made, where a worker would fail on each
+    run; a dataset to download is downloaded once, not by every worker at the same time."""
+    from ..kernels.backend import Backend
+    from ..run.resources import load_data
+
+    import numpy as np
+
+    seen = set()
+    for name in sweep.runs:
+        cfg = sweep.config(name)
+        key = json.dumps([dataclasses.asdict(cfg.data), cfg.train.bn_recalibration], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_data(cfg, Backend(np, "cpu"))
+        except ScoretrainError as e:
+            raise type(e)(f"run {name} ({' '.join(sweep.runs[name])}): {e}") from None
 
 
 def read(sweep_dir: Path) -> Sweep:
@@ -227,52 +315,107 @@ def read(sweep_dir: Path) -> Sweep:
                  list(raw.get("grids") or []), dict(raw.get("launcher") or {}))
 
 
-def settle(sweep_dir: Path, sweep: Sweep, extend: bool) -> Sweep:
-    """Write the record of a new sweep folder, or check the folder's against this sweep: the same
-    base and the same runs, or (--extend) new runs added to those it has. Two sweep commands at
-    once settle one record: it is created with O_EXCL and changed only under its lock."""
+def merge(sweep_dir: Path, old: Sweep, sweep: Sweep, extend: bool) -> Sweep:
+    """The record of a sweep folder once this sweep goes into it: refused (RunError) unless it has
+    the same base and the same runs, or (--extend) new runs added to those it has."""
+    if old.base != sweep.base:
+        raise RunError(f"{sweep_dir}: a sweep of another base config ({old.source}) is in this folder: give this one its own --runs-dir")
+    changed = [n for n in sweep.runs if n in old.runs and sorted(old.runs[n]) != sorted(sweep.runs[n])]  # (each key once: order is no matter)
+    if changed:
+        n = changed[0]
+        raise RunError(f"{sweep_dir}: its run {n} has the overrides {' '.join(old.runs[n])}, this sweep's {' '.join(sweep.runs[n])}: "
+                       "give this sweep its own --runs-dir")
+    if set(sweep.runs) != set(old.runs) and not extend:
+        extra, missing = len(set(sweep.runs) - set(old.runs)), len(set(old.runs) - set(sweep.runs))
+        raise RunError(f"{sweep_dir}: a sweep of another grid is in this folder ({extra} runs new here, {missing} not in this grid): "
+                       "add --extend to add this grid's runs to it, or give it its own --runs-dir")
+    new_runs = {n: o for n, o in sweep.runs.items() if n not in old.runs}
+    grids = old.grids + [g for g in sweep.grids if g not in old.grids and new_runs]
+    return Sweep(old.base, old.source, {**old.runs, **new_runs}, grids, sweep.launcher or old.launcher)
+
+
+def check_folder(sweep_dir: Path, sweep: Sweep, extend: bool) -> None:
+    """A RunError where the sweep cannot go into sweep_dir, found without writing anything: the
+    folder must be new, empty, or a sweep folder whose record this sweep fits (merge)."""
     sweep_dir = Path(sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise RunError(f"{sweep_dir}: --runs-dir is a file, not a folder: give the sweep a folder of its own")
+    kind = store.folder_kind(sweep_dir)
+    if kind == "a sweep folder" and (sweep_dir / RECORD).stat().st_size:
+        merge(sweep_dir, read(sweep_dir), sweep, extend)
+    elif kind not in (None, "a sweep folder"):
+        raise RunError(f"{sweep_dir}: --runs-dir is {kind}, not a sweep folder: give the sweep a new or empty folder of its own")
+
+
+@dataclass
+class Settled:
+    """A sweep folder's record as settle left it, and how to take back what settle changed."""
+
+    record: Sweep
+    made: list[Path]  # the files and folders settle created, deepest first
+    before: bytes | None = None  # the record's bytes before settle rewrote them (None: unchanged or new)
+
+    def make(self, folder: Path) -> None:
+        """mkdir `folder` (in the sweep folder), to be removed again by undo where it is new."""
+        if not folder.is_dir():
+            folder.mkdir()
+            self.made.insert(0, folder)
+
+    def undo(self, sweep_dir: Path) -> None:
+        """Take back a sweep folder that no run has started in (a refused job array): the record
+        as it was, and every file and folder this command made there."""
+        path = Path(sweep_dir) / RECORD
+        if self.before is not None:
+            path.write_bytes(self.before)
+        for p in self.made:  # deepest first
+            if p.name in (SLURM_DIR, LOGS):  # made by this command: only its own files are in them
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir():
+                store.remove_folders([p])
+            else:
+                p.unlink(missing_ok=True)
+
+
+def settle(sweep_dir: Path, sweep: Sweep, extend: bool) -> Settled:
+    """Write the record of a new sweep folder, or check the folder's against this sweep (merge).
+    Two sweep commands at once settle one record: it is created with O_CREAT and changed only
+    under its lock. Refused (check_folder) before anything is made."""
+    sweep_dir = Path(sweep_dir)
+    check_folder(sweep_dir, sweep, extend)
+    path = sweep_dir / RECORD
+    made = store.missing_parents(sweep_dir)
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        store.remove_folders(made)
         raise RunError(f"{sweep_dir}: cannot create the sweep folder ({e.strerror or e}); choose another --runs-dir") from None
-    path = sweep_dir / RECORD
+    new = not path.exists()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        store.remove_folders(made)
         raise RunError(f"{path}: cannot write the sweep's record ({e.strerror or e}); choose another --runs-dir") from None
+    made = [path, *made] if new else made
+    settled = Settled(sweep, made)
     try:
         _lock(fd)
-        text = os.read(fd, 1 << 24).decode()
-        if not text.strip():
-            if any(d.is_dir() and not d.name.startswith(".") for d in sweep_dir.iterdir()):
-                raise RunError(f"{sweep_dir}: this folder holds other runs, and no sweep record: give the sweep a folder of its own")
-            merged = sweep
-        else:
+        text = os.read(fd, 1 << 24)
+        if text.strip():
             old = read(sweep_dir)
-            if old.base != sweep.base:
-                raise RunError(f"{sweep_dir}: a sweep of another base config ({old.source}) is in this folder: give this one its own --runs-dir")
-            changed = [n for n in sweep.runs if n in old.runs and old.runs[n] != sweep.runs[n]]
-            if changed:
-                n = changed[0]
-                raise RunError(f"{sweep_dir}: its run {n} has the overrides {' '.join(old.runs[n])}, this sweep's {' '.join(sweep.runs[n])}: "
-                               "give this sweep its own --runs-dir")
-            if set(sweep.runs) != set(old.runs) and not extend:
-                extra, missing = len(set(sweep.runs) - set(old.runs)), len(set(old.runs) - set(sweep.runs))
-                raise RunError(f"{sweep_dir}: a sweep of another grid is in this folder ({extra} runs new here, {missing} not in this grid): "
-                               "add --extend to add this grid's runs to it, or give it its own --runs-dir")
-            grids = old.grids + [g for g in sweep.grids if g not in old.grids]
-            merged = Sweep(old.base, old.source, {**old.runs, **sweep.runs}, grids, sweep.launcher or old.launcher)
+            merged = merge(sweep_dir, old, sweep, extend)
             if merged == old:
-                return old
-        data = merged.to_yaml().encode()
+                return Settled(old, made)
+            settled = Settled(merged, made, text)
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
-        os.write(fd, data)
+        os.write(fd, settled.record.to_yaml().encode())
         os.fsync(fd)
-        return merged
-    except OSError as e:
-        raise RunError(f"{path}: cannot write the sweep's record ({e.strerror or e})") from None
+        return settled
+    except BaseException as e:
+        settled.undo(sweep_dir)
+        if isinstance(e, OSError):
+            raise RunError(f"{path}: cannot write the sweep's record ({e.strerror or e})") from None
+        raise
     finally:
         os.close(fd)
 
@@ -328,13 +471,40 @@ def states(sweep_dir: Path, sweep: Sweep) -> dict[str, tuple]:
     return {name: state(Path(sweep_dir) / name) for name in sweep.runs}
 
 
+def why(run_dir: Path, st: str) -> str | None:
+    """The one-line reason of a run that did not complete: a failed run's recorded message, what
+    makes a run unreadable, or the error its worker last printed (.logs/NAME.log) where the run
+    never got as far as a checkpoint; None where there is none to give."""
+    run_dir = Path(run_dir)
+    if st == "failed":
+        try:
+            return store.load_summary(run_dir).attrs.get("message") or None
+        except ScoretrainError as e:
+            return str(e)
+    if st == "unreadable":
+        try:
+            store.load_summary(run_dir)
+        except ScoretrainError as e:
+            return str(e)
+        return None
+    if st in ("missing", "interrupted"):
+        try:
+            lines = (run_dir.parent / LOGS / f"{run_dir.name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        last = next((line for line in reversed(lines) if line.strip()), "")
+        return last.removeprefix("error: ") if last.startswith("error: ") else None
+    return None
+
+
 # --- the worker: one run, exactly once -----------------------------------------------------------
 
 
-def take(sweep_dir: Path, name: str) -> str | None:
+def take(sweep_dir: Path, name: str, retry_failed: bool = False) -> str | None:
     """Claim run `name`'s folder for this process (creating it): None if another process holds
-    it, else what to do with it, decided under the lock: "skip" (completed or failed), "resume",
-    or "fresh". The caller releases the claim (store.release) when it is done."""
+    it, else what to do with it, decided under the lock: "skip" (completed, failed unless
+    `retry_failed`, or unreadable), "resume" or "fresh". The caller releases the claim
+    (store.release) when it is done."""
     run_dir = Path(sweep_dir) / name
     try:
         run_dir.mkdir(exist_ok=True)
@@ -345,15 +515,15 @@ def take(sweep_dir: Path, name: str) -> str | None:
     except RunError:
         return None
     what = state(run_dir)[0]
-    if what in DONE:
+    if what in DONE and not (retry_failed and what == "failed"):
         return "skip"
     if (run_dir / store.RUN_FILE).exists() or (run_dir / store.CONFIG_FILE).exists():
         return "resume"
     return "fresh"
 
 
-def worker_command(sweep_dir: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "scoretrain", "sweep-worker", str(sweep_dir), name]
+def worker_command(sweep_dir: Path, name: str, retry_failed: bool = False) -> list[str]:
+    return [sys.executable, "-m", "scoretrain", "sweep-worker", str(sweep_dir), name, *(["--retry-failed"] if retry_failed else [])]
 
 
 def worker_env(threads: int, gpu: str | None = None) -> dict:
@@ -387,15 +557,17 @@ def _stop_with_parent() -> None:
 # --- the local pool -----------------------------------------------------------------------------
 
 
-def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | None, on_event) -> dict[str, int]:
-    """Train `names` with `jobs` worker processes at a time (one per GPU with `gpus`), each with
-    cores/jobs BLAS threads, so that the runs do not fight over the cores. on_event(name, what,
+def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | None, on_event,
+              retry_failed: bool = False) -> dict[str, int]:
+    """Train `names` with `jobs` worker processes at a time (one per GPU with `gpus`; never more
+    than there are runs), each with cores/jobs BLAS threads, so that the runs do not fight over
+    the cores. on_event(name, what,
     code) is told of each start ("start") and end ("end", the exit code); it is also called with
     ("", "tick", None) about twice a second, for a live display. The workers' output goes to
     .logs/NAME.log. Returns each run's exit code."""
     sweep_dir = Path(sweep_dir)
     (sweep_dir / LOGS).mkdir(exist_ok=True)
-    slots = list(gpus) if gpus else [None] * jobs
+    slots = list(gpus) if gpus else [None] * min(jobs, len(names))
     threads = max(1, cores() // len(slots))
     pending, running, codes = list(names), {}, {}
     try:
@@ -404,7 +576,7 @@ def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | No
             while pending and free:
                 name, slot = pending.pop(0), free.pop(0)
                 log = open(sweep_dir / LOGS / f"{name}.log", "ab")
-                proc = subprocess.Popen(worker_command(sweep_dir, name), env=worker_env(threads, slots[slot]),
+                proc = subprocess.Popen(worker_command(sweep_dir, name, retry_failed), env=worker_env(threads, slots[slot]),
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=_stop_with_parent)
                 log.close()
@@ -441,12 +613,20 @@ def check_slurm() -> None:
         import submitit  # noqa: F401
     except ImportError:
         raise ConfigError(f"--launcher slurm needs submitit, which is not installed: {SLURM_INSTALL}") from None
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", str(os.getuid())], capture_output=True, text=True, timeout=60)
+        said, down = (out.stderr.strip().splitlines() or [""])[-1], out.returncode != 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        down, said = True, str(e)
+    if down:
+        raise RunError(f"--launcher slurm: Slurm does not answer (squeue: {said or 'no reply'}): "
+                       "try again once its controller is up, or use --launcher local")
 
 
-def run_member(sweep_dir: str, name: str) -> int:
+def run_member(sweep_dir: str, name: str, retry_failed: bool = False) -> int:
     """What one task of the Slurm job array runs: the worker, as the local pool runs it."""
     with open(Path(sweep_dir) / LOGS / f"{name}.log", "ab") as log:
-        return subprocess.call(worker_command(Path(sweep_dir), name), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.call(worker_command(Path(sweep_dir), name, retry_failed), stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # (threads: the job's setup)
 
 
@@ -461,8 +641,9 @@ class SlurmSettings:
     extra: dict = field(default_factory=dict)  # --slurm KEY=VALUE
 
 
-def submit(sweep_dir: Path, names: list[str], s: SlurmSettings) -> str:
-    """Submit `names` as one Slurm job array; returns its job id."""
+def submit(sweep_dir: Path, names: list[str], s: SlurmSettings, retry_failed: bool = False) -> str:
+    """Submit `names` as one Slurm job array; returns its job id. sbatch's own complaints are
+    caught (its stderr, which submitit passes through) and said in the one-line RunError."""
     import submitit
 
     sweep_dir = Path(sweep_dir).resolve()
@@ -479,13 +660,29 @@ def submit(sweep_dir: Path, names: list[str], s: SlurmSettings) -> str:
         params["mem"] = s.mem
     if s.extra:
         params["additional_parameters"] = dict(s.extra)
-    try:
-        ex.update_parameters(**params)
-        jobs = ex.map_array(run_member, [str(sweep_dir)] * len(names), names)
-    except Exception as e:  # sbatch refused it (an unknown partition, a bad --slurm key): one line
-        msg = " ".join(str(e).split())
-        raise RunError(f"Slurm refused the job array: {msg[:400]}") from None
+    with tempfile.TemporaryFile() as said, _stderr_to(said):
+        try:
+            ex.update_parameters(**params)
+            jobs = ex.map_array(run_member, [str(sweep_dir)] * len(names), names, [retry_failed] * len(names))
+        except Exception as e:  # sbatch refused it (an unknown partition, a bad --slurm key, no controller): one line
+            said.seek(0)
+            lines = [line for line in said.read().decode(errors="replace").splitlines() if line.strip()]
+            msg = " ".join((lines[-1] if lines else str(e)).split())
+            raise RunError(f"Slurm refused the job array: {msg[:400]}") from None
     return jobs[0].job_id.split("_")[0]
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Point this process's stderr (file descriptor 2, which subprocesses inherit) at `file`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def queued(job_id: str) -> int:
@@ -497,12 +694,13 @@ def queued(job_id: str) -> int:
     return len(out.stdout.split())
 
 
-def work(sweep_dir: Path, name: str) -> tuple[lifecycle.Session | None, str | None]:
+def work(sweep_dir: Path, name: str, retry_failed: bool = False) -> tuple[lifecycle.Session | None, str | None]:
     """One run of a sweep, as its worker takes it: (a claimed session to train, None), or (None,
-    why there is nothing to train: another process trains it, or it is completed or failed)."""
+    why there is nothing to train: another process trains it, or it is completed, failed or
+    unreadable). A run that cannot start leaves no folder behind."""
     run_dir = Path(sweep_dir) / name
     cfg = read(sweep_dir).config(name)
-    what = take(sweep_dir, name)
+    what = take(sweep_dir, name, retry_failed)
     if what is None:
         return None, f"{run_dir}: another process trains this run; skipped"
     try:
@@ -513,5 +711,7 @@ def work(sweep_dir: Path, name: str) -> tuple[lifecycle.Session | None, str | No
             return lifecycle.reopen(run_dir, locked=True), None
         return lifecycle.begin_in(cfg, run_dir), None
     except BaseException:
+        if what == "fresh":
+            store.remove_unstarted(run_dir)
         store.release(run_dir)
         raise

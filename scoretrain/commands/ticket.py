@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..run import config as config_mod
-from ..data import datasets as data
+from ..data.source import DataInfo
 from ..run import store
+from ..run.resources import data_info
 from ..errors import ScoretrainError
 from ..nn.model import init_network
 
@@ -40,10 +41,9 @@ def weights_digest(weights: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def regenerate(cfg: config_mod.Config) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+def regenerate(cfg: config_mod.Config, info: DataInfo) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """The frozen weights of cfg's seed, as `fit` drew them (and the initial scores, drawn after)."""
-    h, w, c, classes = data.SHAPES[cfg.data.name]
-    return init_network(cfg.model, cfg.seed, (h, w, c), classes)
+    return init_network(cfg.model, cfg.seed, info.image_shape, info.n_classes)
 
 
 def to_bytes(run_dir: Path, run: store.Run, cfg: config_mod.Config) -> bytes:
@@ -52,7 +52,8 @@ def to_bytes(run_dir: Path, run: store.Run, cfg: config_mod.Config) -> bytes:
         what = "learns its weights (dense)" if run.scores is None else "has no mask yet (no finished epoch)"
         raise ScoretrainError(f"{run_dir}: no ticket: the run {what}; export it as .npz, .safetensors or .onnx")
     digest = weights_digest(run.weights)
-    if digest != weights_digest(regenerate(cfg)[0]):
+    info = data_info(cfg, run.attrs)
+    if digest != weights_digest(regenerate(cfg, info)[0]):
         raise ScoretrainError(f"{run_dir}: no ticket: its weights are not the ones seed {cfg.seed} draws "
                               f"({cfg.model.method} changed them, or another NumPy drew them); export it as .npz, .safetensors or .onnx")
     masks = [np.packbits(np.asarray(m, bool).reshape(-1)) for m in run.masks]
@@ -64,6 +65,7 @@ def to_bytes(run_dir: Path, run: store.Run, cfg: config_mod.Config) -> bytes:
         "batchnorm_shapes": [list(s.shape) for s in norms],
         "input_mean": np.asarray(run.attrs["input_mean"], float).reshape(-1).tolist(),
         "input_std": np.asarray(run.attrs["input_std"], float).reshape(-1).tolist(),
+        **info.to_attrs(), "data_digest": run.attrs.get("data_digest"), "data_source": run.attrs.get("data_source"),
         "info": {"run": str(run_dir), "epochs_done": run.epochs_done, "test_acc": test_acc[-1] if test_acc else None,
                  "scoretrain_version": run.attrs.get("scoretrain_version"), "numpy": np.__version__},
     }
@@ -81,6 +83,8 @@ class Ticket:
     input_mean: list[float]
     input_std: list[float]
     info: dict
+    data: DataInfo  # the image shape and classes it was found on
+    data_digest: str | None  # and the data's digest, where the run recorded one
 
 
 def read(path: Path) -> Ticket:
@@ -116,9 +120,11 @@ def read(path: Path) -> Ticket:
         raise ScoretrainError(f"{path}: not a readable scoretrain ticket ({e})") from None
     if cfg.seed != header["seed"]:
         raise ScoretrainError(f"{path}: its spec says seed {cfg.seed}, its header seed {header['seed']}: an edited ticket")
-    weights, scores = regenerate(cfg)
+    data = data_info(cfg, header)
+    weights, scores = regenerate(cfg, data)
     if weights_digest(weights) != header["weights_sha256"]:
         raise ScoretrainError(f"{path}: its weights cannot be regenerated: seed {cfg.seed} and its spec give other weights "
                               f"here (an edited seed or spec, or NumPy {np.__version__} draws otherwise than "
                               f"{header['info'].get('numpy')}); use the run's .npz or .safetensors export")
-    return Ticket(cfg, weights, scores, masks, norms, header["input_mean"], header["input_std"], header["info"])
+    return Ticket(cfg, weights, scores, masks, norms, header["input_mean"], header["input_std"], header["info"], data,
+                  header.get("data_digest"))

@@ -1,11 +1,12 @@
 """Datasets: where the files live, downloading and verifying them, standardizing and augmenting inputs.
 
 An MNIST-family dataset is four IDX files (train/test images and labels), optionally
-gzip-compressed; CIFAR-10 is one archive, cifar-10-python.tar.gz, kept as downloaded and read
-from in memory (nothing is extracted to disk). A file verifies if its bytes match the SHA-256 of
-the canonical .gz on the mirrors, or its uncompressed bytes match the SHA-256 of the uncompressed
-file (so a locally re-compressed copy verifies too). With no explicit root, a dataset not on disk
-is downloaded once into the user cache. Images are uint8 [N, H, W, C] (channels last).
+gzip-compressed; CIFAR-10 and CIFAR-100 are one archive each (the python version), kept as
+downloaded and read from in memory (nothing is extracted to disk); SVHN is two MATLAB files,
+served uncompressed. A file verifies if its bytes match the SHA-256 of the canonical .gz on the
+mirrors, or its uncompressed bytes match the SHA-256 of the uncompressed file (so a locally
+re-compressed copy verifies too). With no explicit root, a dataset not on disk is downloaded once
+into the user cache. Images are uint8 [N, H, W, C] (channels last).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib
 import io
 import os
 import pickle
@@ -33,21 +35,31 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from .. import __version__
 from ..errors import DataError
+from .source import DataInfo, Dataset, check_dataset
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 TIMEOUT = 30  # seconds per connection attempt / read, before the next mirror is tried
 
 
 class Sha256(NamedTuple):
-    raw: str | None  # of the uncompressed file (IDX, or CIFAR-10's .tar)
-    gz: str | None  # of the canonical .gz file as served by the mirrors
+    raw: str | None  # of the uncompressed file (IDX, CIFAR's .tar, SVHN's .mat)
+    gz: str | None  # of the canonical .gz file as served by the mirrors; None: served uncompressed
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
     files: dict[str, tuple[str, Sha256]]  # split part (or "archive") -> (file name without .gz, its checksums)
-    mirrors: tuple[str, ...]  # base URLs, tried in order; a file is at base + name + ".gz"
+    mirrors: tuple[str, ...]  # base URLs, tried in order; a file is at base + served_name(...)
+    image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
+    classes: tuple[str, ...] = tuple("0123456789")  # the class names, in label order
+    format: str = "idx"  # how its files are parsed: a key of READERS
+
+
+def served_name(filename: str, sums: Sha256) -> str:
+    """The name a mirror serves a file under: its canonical .gz where that is what is published,
+    else the file itself (SVHN's .mat files are served uncompressed)."""
+    return filename + ".gz" if sums.gz is not None else filename
 
 
 def _files(train_images, train_labels, test_images, test_labels) -> dict[str, tuple[str, Sha256]]:
@@ -72,8 +84,21 @@ def _files(train_images, train_labels, test_images, test_labels) -> dict[str, tu
 #   that the dataset's page (https://www.cs.toronto.edu/~kriz/cifar.html) and torchvision's
 #   datasets/cifar.py (tgz_md5) publish. (TFDS's url_checksums/cifar10.txt lists only the
 #   binary version.) No SHA-256 of the uncompressed .tar is published: keep the .tar.gz.
+# - CIFAR-100 .tar.gz: SHA-256 from keras-team/keras keras/src/datasets/cifar100.py (the file_hash
+#   of get_file for https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz), the same value as
+#   torchvision's prototype datasets (torchvision/prototype/datasets/_builtin/cifar.py,
+#   Cifar100._SHA256); records of it pair it with the size 169,001,437 bytes and the MD5
+#   eb9058c3a382ffc7106e4002c42a8d85 that the dataset's page and torchvision's datasets/cifar.py
+#   (CIFAR100.tgz_md5) publish. (TFDS's url_checksums/cifar100.txt lists only the binary version.)
+#   The 100 class names (label order) are the archive's meta b"fine_label_names", checked on load.
+# - SVHN .mat (served uncompressed): tensorflow/datasets tensorflow_datasets/url_checksums/
+#   svhn_cropped.txt (train_32x32.mat 182,040,794 bytes, test_32x32.mat 64,275,384 bytes), the
+#   same values as torchvision's prototype datasets (_builtin/svhn.py, SVHN._CHECKSUMS); independent
+#   records pair them with those sizes and the MD5s that torchvision's datasets/svhn.py publishes
+#   (e26dedcc434d2e4c54c9b2d4a06d8373, eb5a983be6a315427106f1b164d9cef3).
 # Mirrors: torchvision's datasets/mnist.py (ossci, fashion-mnist S3, codh) and TFDS (cvdf);
-# CIFAR-10: the dataset author's page.
+# CIFAR-10 and CIFAR-100: the dataset author's page; SVHN: the dataset's page (plain HTTP only,
+# as published; the checksum is what vouches for the bytes).
 DATASETS = {
     "mnist": DatasetSpec(
         "mnist",
@@ -94,6 +119,7 @@ DATASETS = {
             (None, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
         ),
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     ),
     "kmnist": DatasetSpec(
         "kmnist",
@@ -104,32 +130,69 @@ DATASETS = {
             (None, "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c"),
         ),
         ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),  # the ten Kuzushiji characters
     ),
     "cifar10": DatasetSpec(
         "cifar10",
         {"archive": ("cifar-10-python.tar", Sha256(None, "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"))},
         ("https://www.cs.toronto.edu/~kriz/",),
+        (32, 32, 3),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        "cifar10",
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        {"archive": ("cifar-100-python.tar", Sha256(None, "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"))},
+        ("https://www.cs.toronto.edu/~kriz/",),
+        (32, 32, 3),
+        ("apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+         "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+         "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+         "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+         "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+         "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+         "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+         "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+         "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+         "willow_tree", "wolf", "woman", "worm"),
+        "cifar100",
+    ),
+    "svhn": DatasetSpec(
+        "svhn",
+        {
+            "train": ("train_32x32.mat", Sha256("435e94d69a87fde4fd4d7f3dd208dfc32cb6ae8af2240d066de1df7508d083b8", None)),
+            "test": ("test_32x32.mat", Sha256("cdce80dfb2a2c4c6160906d0bd7c68ec5a99d7ca4831afa54f09182025b6a75b", None)),
+        },
+        ("http://ufldl.stanford.edu/housenumbers/",),
+        (32, 32, 3),
+        format="svhn",
     ),
 }
 
-# Per dataset: image height, width, channels, and the number of classes.
-SHAPES = {
-    "mnist": (28, 28, 1, 10),
-    "fashion-mnist": (28, 28, 1, 10),
-    "kmnist": (28, 28, 1, 10),
-    "cifar10": (32, 32, 3, 10),
-}
-
-CIFAR_DIR = "cifar-10-batches-py"  # the folder inside the archive
-CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
-@dataclass
-class Dataset:
-    x_train: np.ndarray  # uint8 [N, H, W, C]
-    y_train: np.ndarray  # int64 [N]
-    x_test: np.ndarray
-    y_test: np.ndarray
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in dataset as a source: its files found under `root` (or the repo's data/, the
+    user cache, a download), verified against the published checksums, then parsed."""
+
+    name: str
+    root: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    def info(self) -> DataInfo:
+        spec = spec_of(self.name)
+        return DataInfo(spec.image_shape, spec.classes)
+
+    def load(self) -> Dataset:
+        return load(self.name, self.root)
 
 
 def cache_dir() -> Path:
@@ -291,15 +354,17 @@ class DownloadBar:
 
 
 def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tuple[Path, str]:
-    """Fetch `filename`.gz from the first mirror that serves a verified copy; returns (path, URL).
-    Each attempt goes to a temporary file in `folder` that is renamed into place only once it
-    verifies, so no reader (nor a parallel run downloading the same file) ever sees a partial file."""
-    dest = folder / (filename + ".gz")
+    """Fetch the file as served (served_name) from the first mirror that serves a verified copy;
+    returns (path, URL). Each attempt goes to a temporary file in `folder` that is renamed into
+    place only once it verifies, so no reader (nor a parallel run downloading the same file) ever
+    sees a partial file."""
+    served = served_name(filename, sums)
+    dest = folder / served
     tried = []
     for base in mirrors(spec):
-        url = base + filename + ".gz"
+        url = base + served
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.gz.", suffix=".part", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=f".{served}.", suffix=".part", dir=folder)
             os.close(fd)
         except OSError as e:
             raise DataError(f"dataset {spec.name}: cannot write to {folder} ({e})") from None
@@ -307,7 +372,7 @@ def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tu
         try:
             print(f"downloading {url}", file=sys.stderr, flush=True)
             http_get(url, Path(tmp), bar)
-            check(Path(tmp).read_bytes(), True, sums)
+            check(Path(tmp).read_bytes(), served.endswith(".gz"), sums)
             os.replace(tmp, dest)
             return dest, url
         except (OSError, ValueError, http.client.HTTPException, DataError) as e:
@@ -315,100 +380,198 @@ def download(spec: DatasetSpec, filename: str, sums: Sha256, folder: Path) -> tu
         finally:
             bar.stop()
             Path(tmp).unlink(missing_ok=True)
-    raise DataError(f"dataset {spec.name}: could not download {filename}.gz from any mirror ({'; '.join(tried)})")
+    raise DataError(f"dataset {spec.name}: could not download {served} from any mirror ({'; '.join(tried)})")
 
 
 def fetch(name: str, root: str | None = None) -> tuple[Path, list[tuple[Path, str]]]:
     """Make sure every file of dataset `name` is on disk and verifies; returns the folder and, per
     file, (path, what happened). With no root: the repo's complete copy if there is one (verified,
-    never overwritten), else the user cache. Missing or corrupt files are (re)downloaded."""
+    never overwritten), else the user cache. Missing or corrupt files are (re)downloaded. A fetch
+    that fails leaves nothing behind: the files it downloaded and the folders it made go again."""
     spec = spec_of(name)
     if root is None and complete(REPO_DATA / name, spec):
         folder, may_download = REPO_DATA / name, False
     else:
         folder, may_download = (Path(root) if root is not None else cache_dir()) / name, True
+    made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove(made)
         raise DataError(f"dataset {name}: cannot create {folder} ({e})") from None
-    report = []
-    for fn, sums in spec.files.values():
-        path = find_file(folder, fn)
-        if path is not None:
-            try:
-                check(path.read_bytes(), path.suffix == ".gz", sums)
-                report.append((path, "present, verified"))
-                continue
-            except (OSError, DataError) as e:
-                if not may_download:
-                    raise DataError(f"{path}: {e}") from None
-        new, url = download(spec, fn, sums, folder)
-        if path is not None and path != new:
-            path.unlink()  # a bad uncompressed copy would shadow the good .gz
-        report.append((new, f"downloaded from {url}, verified"))
+    report, downloaded = [], []
+    try:
+        for fn, sums in spec.files.values():
+            path = find_file(folder, fn)
+            if path is not None:
+                try:
+                    check(path.read_bytes(), path.suffix == ".gz", sums)
+                    report.append((path, "present, verified"))
+                    continue
+                except (OSError, DataError) as e:
+                    if not may_download:
+                        raise DataError(f"{path}: {e}") from None
+            new, url = download(spec, fn, sums, folder)
+            downloaded.append(new)
+            if path is not None and path != new:
+                path.unlink()  # a bad copy under the other name would shadow the good one
+            report.append((new, f"downloaded from {url}, verified"))
+    except BaseException:  # a failure, Ctrl-C or SIGTERM
+        _remove(downloaded + made)
+        raise
     return folder, report
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove these files and (empty) folders, in order; whatever another process has put in a
+    folder meanwhile keeps it."""
+    for p in paths:
+        try:
+            p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load(name: str, root: str | None = None) -> Dataset:
-    """The dataset's images (uint8 [N, H, W, C], as in SHAPES) and labels (int64 [N]), read only
+    """The dataset's images (uint8 [N, H, W, C], as its spec says) and labels (int64 [N]), read only
     from verified files, found (or downloaded into the cache) as `locate` says."""
     spec = spec_of(name)
+    needs(spec)  # before any download
     folder = locate(name, root)
     raw = {part: read_verified(folder, fn, sums) for part, (fn, sums) in spec.files.items()}
-    if "archive" in raw:
-        ds = read_cifar(*raw["archive"])
-    else:
-        images = lambda part: parse_idx(*raw[part])[..., None]  # noqa: E731 - [N, H, W] -> [N, H, W, 1]
-        labels = lambda part: parse_idx(*raw[part]).astype(np.int64)  # noqa: E731
-        ds = Dataset(images("train_images"), labels("train_labels"), images("test_images"), labels("test_labels"))
+    ds = READERS[spec.format](raw)
     check_shapes(ds, name, folder)
-    return ds
+    ds.classes = spec.classes
+    return check_dataset(ds, f"dataset {name} in {folder}")
 
 
-def read_cifar(tar: bytes, path: Path) -> Dataset:
-    """CIFAR-10 from the bytes of its (verified, uncompressed) python-version tar. Only the six
-    expected batches are read, by name, straight into memory: nothing is extracted, so no entry
-    of the archive can write anywhere (no path traversal, no links)."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
-            split = lambda s: [cifar_batch(archive, b, path) for b in CIFAR_BATCHES[s]]  # noqa: E731
-            train, test = split("train"), split("test")
-    except tarfile.TarError as e:
-        raise DataError(f"{path}: not a readable tar archive ({e})") from None
-    # C order for [N, 32, 32, 3] (concatenate would keep the transposed batches' layout)
-    join = lambda batches, i: np.ascontiguousarray(np.concatenate([b[i] for b in batches]))  # noqa: E731
-    return Dataset(join(train, 0), join(train, 1), join(test, 0), join(test, 1))
+# format -> (the module it is parsed with, the extra that installs it), for the formats that need one
+NEEDS = {"svhn": ("scipy", "svhn")}
 
 
-def cifar_batch(archive: tarfile.TarFile, batch: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One batch: a pickled dict with b"data" (uint8 [n, 3072]: per image the 1024 red, then green,
-    then blue pixels, each 32x32 row-major) and b"labels" (n ints) -> (uint8 [n, 32, 32, 3], int64 [n])."""
-    name = f"{CIFAR_DIR}/{batch}"
-    try:
-        member = archive.getmember(name)
-    except KeyError:
-        raise DataError(f"{path}: {name} is missing from the archive") from None
-    if not member.isfile():
-        raise DataError(f"{path}: {name} in the archive is not a regular file")
-    try:
+def needs(spec: DatasetSpec) -> None:
+    if spec.format in NEEDS:
+        module, extra = NEEDS[spec.format]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise DataError(f"dataset {spec.name}: reading its files needs {module}: pip install 'scoretrain[{extra}]'") from None
+
+
+def read_idx(raw: dict[str, tuple[bytes, Path]]) -> Dataset:
+    """The MNIST family: four IDX files, images [N, 28, 28] and labels [N]."""
+    images = lambda part: parse_idx(*raw[part])[..., None]  # noqa: E731 - [N, H, W] -> [N, H, W, 1]
+    labels = lambda part: parse_idx(*raw[part]).astype(np.int64)  # noqa: E731
+    return Dataset(images("train_images"), labels("train_labels"), images("test_images"), labels("test_labels"))
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where a CIFAR archive (the python version) keeps its pickled batches, and their keys."""
+
+    title: str  # for errors: "CIFAR-10"
+    folder: str  # the folder inside the archive
+    batches: dict[str, tuple[str, ...]]  # split -> its batch files, in order
+    labels: bytes  # the batches' key of the labels
+    names: tuple[str, bytes] | None = None  # (meta file, its key of the class names), read and checked on load
+
+    def read(self, raw: dict[str, tuple[bytes, Path]]) -> Dataset:
+        """The dataset from the bytes of its (verified, uncompressed) tar. Only the expected members
+        are read, by name, straight into memory: nothing is extracted, so no entry of the archive
+        can write anywhere (no path traversal, no links)."""
+        tar, path = raw["archive"]
+        try:
+            with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+                split = lambda s: [self.batch(archive, b, path) for b in self.batches[s]]  # noqa: E731
+                train, test = split("train"), split("test")
+                classes = self.class_names(archive, path) if self.names else ()
+        except tarfile.TarError as e:
+            raise DataError(f"{path}: not a readable tar archive ({e})") from None
+        # C order for [N, 32, 32, 3] (concatenate would keep the transposed batches' layout)
+        join = lambda batches, i: np.ascontiguousarray(np.concatenate([b[i] for b in batches]))  # noqa: E731
+        return Dataset(join(train, 0), join(train, 1), join(test, 0), join(test, 1), classes=classes)
+
+    def member(self, archive: tarfile.TarFile, name: str, path: Path) -> dict:
+        """A pickled member of the archive, by name."""
+        name = f"{self.folder}/{name}"
+        try:
+            member = archive.getmember(name)
+        except KeyError:
+            raise DataError(f"{path}: {name} is missing from the archive") from None
+        if not member.isfile():
+            raise DataError(f"{path}: {name} in the archive is not a regular file")
         # pickle can run arbitrary code while loading, so it only ever sees bytes of an archive whose
         # SHA-256 matched the published one (read_verified checked it before this is called).
         d = pickle.load(archive.extractfile(member), encoding="bytes")
-        x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise DataError(f"{path}: {name} is not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
-        raise DataError(f"{path}: {name} is not a CIFAR-10 batch (data {x.dtype} {list(x.shape)}, {y.size} labels)")
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y  # CHW -> HWC (a view; read_cifar copies)
+        if not isinstance(d, dict):
+            raise TypeError(f"a pickled {type(d).__name__}, not a dict")
+        return d
+
+    def batch(self, archive: tarfile.TarFile, batch: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """One batch: a pickled dict with b"data" (uint8 [n, 3072]: per image the 1024 red, then
+        green, then blue pixels, each 32x32 row-major) and the labels (n ints) -> (uint8 [n, 32, 32, 3],
+        int64 [n])."""
+        try:
+            d = self.member(archive, batch, path)
+            x, y = np.asarray(d[b"data"]), np.asarray(d[self.labels], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise DataError(f"{path}: {self.folder}/{batch} is not a {self.title} batch ({type(e).__name__}: {e})") from None
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
+            raise DataError(f"{path}: {self.folder}/{batch} is not a {self.title} batch (data {x.dtype} {list(x.shape)}, {y.size} labels)")
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y  # CHW -> HWC (a view; read copies)
+
+    def class_names(self, archive: tarfile.TarFile, path: Path) -> tuple[str, ...]:
+        meta, key = self.names
+        try:
+            return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in self.member(archive, meta, path)[key])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise DataError(f"{path}: {self.folder}/{meta} holds no class names ({type(e).__name__}: {e})") from None
+
+
+CIFAR10 = CifarLayout("CIFAR-10", "cifar-10-batches-py",
+                      {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}, b"labels")
+CIFAR100 = CifarLayout("CIFAR-100", "cifar-100-python", {"train": ("train",), "test": ("test",)}, b"fine_labels",
+                       ("meta", b"fine_label_names"))
+
+
+def read_svhn(raw: dict[str, tuple[bytes, Path]]) -> Dataset:
+    """SVHN's cropped digits: per split a MATLAB (v5) file with X uint8 [32, 32, 3, N] and y [N, 1],
+    the digits 1..9 labelled 1..9 and the digit 0 labelled 10 (here 0)."""
+    return Dataset(*svhn_split(*raw["train"]), *svhn_split(*raw["test"]))
+
+
+def svhn_split(blob: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        m = loadmat(io.BytesIO(blob), variable_names=("X", "y"))
+        x, y = np.asarray(m["X"]), np.asarray(m["y"])
+    except (MatReadError, KeyError, ValueError, TypeError, OSError, EOFError, NotImplementedError) as e:
+        raise DataError(f"{path}: not an SVHN .mat file ({type(e).__name__}: {e})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.shape != (x.shape[-1], 1):
+        raise DataError(f"{path}: not an SVHN .mat file (X {x.dtype} {list(x.shape)}, y {list(y.shape)}; "
+                        "expected X uint8 [32, 32, 3, N] and y [N, 1])")
+    y = y.reshape(-1).astype(np.int64)
+    if y.size and not 1 <= y.min() <= y.max() <= 10:
+        raise DataError(f"{path}: labels outside 1..10 (SVHN labels the digit 0 as 10)")
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)), y % 10
+
+
+READERS = {"idx": read_idx, "cifar10": CIFAR10.read, "cifar100": CIFAR100.read, "svhn": read_svhn}
 
 
 def check_shapes(ds: Dataset, name: str, folder: Path) -> None:
-    """Images as SHAPES says, one label per image, labels below the number of classes. Verified
-    files always pass: this catches a registry entry that does not fit its files."""
-    h, w, c, classes = SHAPES[name]
+    """Class names (where the files hold them), images as the spec says, one label per image, labels
+    below the number of classes. Verified files always pass: this catches a registry entry that does not fit its files."""
+    spec = spec_of(name)
+    if ds.classes and ds.classes != spec.classes:
+        raise DataError(f"dataset {name} in {folder}: the files name {len(ds.classes)} classes ({', '.join(ds.classes[:3])}, …), "
+                        f"not the {len(spec.classes)} expected ({', '.join(spec.classes[:3])}, …)")
+    (h, w, c), classes = spec.image_shape, len(spec.classes)
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         if x.shape[1:] != (h, w, c) or len(x) != len(y):
             raise DataError(f"dataset {name} in {folder}: {split} images are {list(x.shape)} with {len(y)} labels, expected [N, {h}, {w}, {c}] with N labels")
@@ -429,9 +592,12 @@ def validation_split(n: int, val: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardization(x_train: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std of uint8 images [..., C] scaled to [0, 1]: two lists
-    of C floats (one each for MNIST: 0.1307, 0.3081). Computed exactly from each channel's
-    histogram of the 256 pixel values, so no float copy of the training set is made."""
+    """Per-channel mean and (population) std of images [..., C], uint8 ones scaled to [0, 1]: two
+    lists of C floats (one each for MNIST: 0.1307, 0.3081). For uint8 images, computed exactly
+    from each channel's histogram of the 256 pixel values, so no float copy of the training set is
+    made; float images are summed in float64, a block of images at a time."""
+    if x_train.dtype != np.uint8:
+        return _float_standardization(x_train)
     values = np.arange(256) / 255.0
     mean, std = [], []
     for c in range(x_train.shape[-1]):
@@ -442,15 +608,30 @@ def standardization(x_train: np.ndarray) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def _float_standardization(x: np.ndarray, block: int = 4096) -> tuple[list[float], list[float]]:
+    c = x.shape[-1]
+    total, n = np.zeros(c), x.size // c
+    for i in range(0, len(x), block):
+        total += x[i : i + block].reshape(-1, c).sum(axis=0, dtype=np.float64)
+    mean, sq = total / n, np.zeros(c)
+    for i in range(0, len(x), block):
+        sq += ((x[i : i + block].reshape(-1, c).astype(np.float64) - mean) ** 2).sum(axis=0)
+    std = np.sqrt(sq / n)
+    return mean.tolist(), np.where(std > 0, std, 1.0).tolist()  # a constant channel is only centred
+
+
 def to_float(x: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 images [..., C] -> float32 `(x / 255 - mean) / std`, the same shape. `mean` and `std`
+    """Images [..., C] -> float32 `(x / 255 - mean) / std` (uint8; float images: `(x - mean) / std`),
+    the same shape. `mean` and `std`
     are per-channel (lists of C floats, as `standardization` returns) or single floats for every
     channel (also a one-element list). Standardize before flattening images for an MLP: a
     per-channel list needs the channels on the last axis."""
     mean, std = (np.asarray(v, np.float32).reshape(-1) for v in (mean, std))
     if not {mean.size, std.size} <= {1, x.shape[-1]}:
         raise ValueError(f"to_float: {mean.size} means and {std.size} stds for {x.shape[-1]} channels")
-    out = x.astype(np.float32) / np.float32(255.0)
+    out = x.astype(np.float32)
+    if x.dtype == np.uint8:
+        out /= np.float32(255.0)
     out -= mean
     out /= std
     return out

@@ -310,10 +310,17 @@ def channel_sums(x, c, mean, sums):
     sums[0, :] = acc
 
 
+@numba.njit(inline="always")
+def _relu(y):
+    """np.maximum(y, 0)'s value (NumPy's bits: -0.0 gives +0.0, NaN stays NaN)."""
+    return y if y > 0 or y != y else np.float32(0)
+
+
 @jit
-def normalize(x, c, mean, inv, gamma, beta, out):
-    """out = (x - mean) * inv, then with gamma and beta * gamma + beta: BatchNorm.forward's
-    float32 operations, per channel."""
+def normalize(x, c, mean, inv, gamma, beta, relu, out):
+    """out = (x - mean) * inv, then with gamma and beta * gamma + beta, then with relu (True; None:
+    not) np.maximum(out, 0): BatchNorm.forward's float32 operations, per channel, and the ReLU
+    after it in the same pass."""
     cu = np.uint64(c)
     for i in range(0, x.size, c):
         row = np.uint64(i)
@@ -321,7 +328,16 @@ def normalize(x, c, mean, inv, gamma, beta, out):
             y = (x[row + ch] - mean[ch]) * inv[ch]
             if gamma is not None:
                 y = y * gamma[ch] + beta[ch]
+            if relu is not None:
+                y = _relu(y)
             out[row + ch] = y
+
+
+@jit
+def add_relu(a, b, out):
+    """out = np.maximum(a + b, 0): a residual block's sum and its ReLU in one pass."""
+    for i in range(a.size):
+        out[i] = _relu(a[i] + b[i])
 
 
 @jit

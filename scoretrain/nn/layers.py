@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from ..kernels import conv_engine
 from ..kernels.backend import fused
 
 
@@ -50,10 +51,11 @@ class Linear:
 
 class Conv2d:
     """A k x k convolution with a stride, zero padding (k // 2 by default: 'same' at stride 1),
-    as one GEMM over im2col patches. The input's gradient is, at stride 1, the convolution of the
-    output's gradient with the kernel flipped (one more GEMM over patches, which the CPU copies
-    faster than it scatters them back), where those patches are no larger than the input's;
-    else col2im."""
+    computed by the conv engine in use (kernels/conv_engine.py, train.conv_engine). The reference
+    engine, im2col, is this class's own code: one GEMM over im2col patches. The input's gradient
+    is, at stride 1, the convolution of the output's gradient with the kernel flipped (one more
+    GEMM over patches, which the CPU copies faster than it scatters them back), where those
+    patches are no larger than the input's; else col2im."""
 
     kind = "conv"
 
@@ -96,17 +98,25 @@ class Conv2d:
         return cols.reshape(n * ho * wo, k * k * c)
 
     def forward(self, x, w_eff, train):
-        w = w_eff[self.index]
+        engine = conv_engine.current()
+        y, kept = engine.forward(self, x, w_eff[self.index])
+        return y, (engine, kept)
+
+    def backward(self, d, cache, w_eff, grads, need_dx):
+        engine, kept = cache  # the forward's engine: the two passes of a step run on one
+        return engine.backward(self, d, kept, w_eff[self.index], grads[self.index], need_dx)
+
+    def im2col_forward(self, x, w):
         cols = self.patches(x, self.stride, self.pad)
         y = cols @ w.reshape(len(w), -1).T
         return y.reshape(*x.shape[:1], *self._out(*x.shape[1:3]), len(w)), (cols, x.shape)
 
-    def backward(self, d, cache, w_eff, grads, need_dx):
-        xp, k, p, st, w = self.xp, self.k, self.pad, self.stride, w_eff[self.index]
+    def im2col_backward(self, d, cache, w, dw, need_dx):
+        xp, k, p, st = self.xp, self.k, self.pad, self.stride
         cols, (n, h, wd, c) = cache
         ho, wo = d.shape[1:3]
         d2 = d.reshape(-1, len(w))
-        xp.matmul(d2.T, cols, out=grads[self.index].reshape(len(w), -1))
+        xp.matmul(d2.T, cols, out=dw.reshape(len(w), -1))
         if not need_dx:
             return None
         if st == 1 and p < k and len(w) <= c:  # dx = d convolved with the flipped kernel: patches [.., k, k, out] @ [k, k, out, in]
@@ -170,7 +180,8 @@ class BatchNorm:
     def describe(self) -> dict:
         return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
 
-    def forward(self, x, w_eff, train):
+    def forward(self, x, w_eff, train, relu: bool = False):
+        """`relu`: with the ReLU that follows (np.maximum(y, 0)) in the same pass (ResidualBlock)."""
         xp, c = self.xp, self.c
         loops = fused(xp, x) if xp is np else None  # numba: the same float32 and float64 operations, in 3 passes
         if train:
@@ -186,12 +197,14 @@ class BatchNorm:
         gamma, beta = (self.gamma.astype(x.dtype), self.beta.astype(x.dtype)) if self.affine else (None, None)
         if loops:
             y = xp.empty_like(x)
-            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, y.reshape(-1))
+            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, True if relu else None, y.reshape(-1))
         else:
             y = (x - mean) * inv
             if self.affine:
                 y *= gamma
                 y += beta
+            if relu:
+                xp.maximum(y, 0, out=y)
         return y, (x, mean, inv, train)
 
     def batch_statistics(self, x, loops=None):
@@ -264,27 +277,32 @@ class GlobalAvgPool:
 
 
 class MaxPool2d:
-    """2 x 2 max pooling, stride 2 (an odd last row/column is dropped, as in PyTorch)."""
+    """size x size max pooling, stride size (a last partial row/column is dropped, as in PyTorch)."""
 
-    def __init__(self, xp):
-        self.xp = xp
+    def __init__(self, xp, size: int = 2):
+        self.xp, self.size = xp, size
 
     def output_shape(self, shape: tuple) -> tuple[tuple, int]:
         h, w, c = shape
-        return (h // 2, w // 2, c), 0
+        return (h // self.size, w // self.size, c), 0
 
     def describe(self) -> dict:
-        return {"type": "maxpool", "size": 2, "stride": 2}
+        return {"type": "maxpool", "size": self.size, "stride": self.size}
 
-    @staticmethod
-    def _corners(x):
-        """The four strided views x[:, a::2, b::2] of each 2 x 2 window, in row-major order."""
-        h2, w2 = x.shape[1] // 2, x.shape[2] // 2
-        return [x[:, a : 2 * h2 : 2, b : 2 * w2 : 2] for a in (0, 1) for b in (0, 1)]
+    def _corners(self, x):
+        """The size * size strided views x[:, a::size, b::size] of each window, in row-major order."""
+        s = self.size
+        hs, ws = x.shape[1] // s, x.shape[2] // s
+        return [x[:, a : s * hs : s, b : s * ws : s] for a in range(s) for b in range(s)]
 
     def forward(self, x, w_eff, train):
         c = self._corners(x)
-        y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
+        if len(c) == 4:
+            y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
+        else:
+            y = c[0]
+            for corner in c[1:]:
+                y = self.xp.maximum(y, corner)
         return y, (x, y)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
@@ -297,6 +315,28 @@ class MaxPool2d:
             hit &= ~taken
             taken |= hit
             dcorner[...] = d * hit
+        return dx
+
+
+class AvgPool2d(MaxPool2d):
+    """size x size average pooling, stride size (a last partial row/column is dropped)."""
+
+    def describe(self) -> dict:
+        return {"type": "avgpool", "size": self.size, "stride": self.size}
+
+    def forward(self, x, w_eff, train):
+        corners = self._corners(x)
+        y = corners[0].copy()
+        for corner in corners[1:]:
+            y += corner
+        y *= 1.0 / len(corners)
+        return y, x.shape
+
+    def backward(self, d, shape, w_eff, grads, need_dx):
+        dx = self.xp.zeros(shape, dtype=d.dtype)
+        share = d * (1.0 / self.size**2)
+        for dcorner in self._corners(dx):
+            dcorner[...] = share
         return dx
 
 
@@ -343,16 +383,35 @@ class ResidualBlock:
                 "shortcut": [l.describe() for l in self.shortcut] or "identity"}
 
     def forward(self, x, w_eff, train):
+        # Fused, with the bits of the layers one by one: a BatchNorm and the ReLU after it in one
+        # pass (the ReLU's cache is its output, as its own forward keeps), the sum and its ReLU
+        # in another, written over the main path's output (no layer keeps that array).
         y, s = x, x
         main, short = [], []
-        for layer in self.main:
-            y, c = layer.forward(y, w_eff, train)
+        for i, layer in enumerate(self.main):
+            if i and self._fuses(self.main[i - 1], layer):
+                main.append(y)  # done by the BatchNorm
+                continue
+            relu = i + 1 < len(self.main) and self._fuses(layer, self.main[i + 1])
+            y, c = layer.forward(y, w_eff, train, relu=True) if relu else layer.forward(y, w_eff, train)
             main.append(c)
         for layer in self.shortcut:
             s, c = layer.forward(s, w_eff, train)
             short.append(c)
-        out, _ = self.relu.forward(y + s, w_eff, train)
-        return out, (main, short, out)
+        loops = fused(self.xp, y, s) if self.xp is np else None
+        if not own_code(self.relu):
+            y, _ = self.relu.forward(y + s, w_eff, train)
+        elif loops:
+            loops.add_relu(y.reshape(-1), s.reshape(-1), y.reshape(-1))
+        else:
+            self.xp.add(y, s, out=y)
+            self.xp.maximum(y, 0, out=y)
+        return y, (main, short, y)
+
+    @staticmethod
+    def _fuses(layer, after) -> bool:
+        """A BatchNorm and the ReLU after it run as one pass (where both run their own code)."""
+        return isinstance(layer, BatchNorm) and isinstance(after, ReLU) and own_code(layer) and own_code(after)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         main, short, out = cache
@@ -362,7 +421,14 @@ class ResidualBlock:
             dm = layer.backward(dm, c, w_eff, grads, True)
         for layer, c in zip(reversed(self.shortcut), reversed(short)):
             ds = layer.backward(ds, c, w_eff, grads, True)
-        return dm + ds
+        return self.xp.add(dm, ds, out=dm)  # into the first conv's own dx: dm + ds, without a new array
+
+
+def own_code(layer) -> bool:
+    """Whether a layer's forward is its class's (or a wrapper that allows fusing it, `fusable`), not
+    one given to the object (a test's instrumentation): only those are fused with their neighbours."""
+    f = vars(layer).get("forward")
+    return f is None or getattr(f, "fusable", False)
 
 
 def norm(xp, c: int, bn: str) -> list:

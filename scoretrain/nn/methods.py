@@ -17,6 +17,8 @@ written against `xp` (numpy or cupy).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..kernels.backend import fused
@@ -234,17 +236,21 @@ class TopK(Method):
     uses_k = True
 
     def __init__(self, net, cfg):
-        # (span of the flat scores, whether it keeps every weight): model.dense_first / dense_last
-        # make those layers groups of their own that keep all; a global k spans the layers between
+        # (span of the flat scores, its own fraction or None for model.k): a weight layer's own k
+        # (model.layers), or 1 for model.dense_first / dense_last, makes it a group of its own; a
+        # global k spans the layers between (config refuses layers of their own k inside that span)
         bounds = net.score_bounds
-        whole = {i for i, on in ((0, cfg.dense_first), (len(bounds) - 1, cfg.dense_last)) if on}
-        pruned = [b for i, b in enumerate(bounds) if i not in whole]
-        if cfg.k_scope == "global" and pruned:
-            spans = [(bounds[i], True) for i in whole] + [((pruned[0][0], pruned[-1][1]), False)]
+        own = {i: getattr(l, "keep", None) for i, l in enumerate(net.weight_layers)}
+        own.update({i: 1.0 for i, on in ((0, cfg.dense_first), (len(bounds) - 1, cfg.dense_last)) if on})
+        own = {i: k for i, k in own.items() if k is not None}
+        pooled = [b for i, b in enumerate(bounds) if i not in own]
+        if cfg.k_scope == "global" and pooled:
+            spans = [(bounds[i], k) for i, k in own.items()] + [((pooled[0][0], pooled[-1][1]), None)]
         else:
-            spans = [(b, i in whole) for i, b in enumerate(bounds)]
-        spans.sort()
-        self.groups, self.dense_groups = [b for b, _ in spans], [d for _, d in spans]
+            spans = [(b, own.get(i)) for i, b in enumerate(bounds)]
+        spans.sort(key=lambda span: span[0])
+        self.groups, self.group_k = [b for b, _ in spans], [k for _, k in spans]
+        self.k = cfg.k
         # the GPU's top-k: a radix select of all groups in a few kernel launches (radix_select.py)
         cuda = fused(net.xp, net.s_flat) if net.xp is not np else None
         self.radix = RadixTopK(net.xp, self.groups, cuda) if cuda else None
@@ -254,8 +260,10 @@ class TopK(Method):
         self.fast = None  # a FusedScoreStep, where the method has one and the backend runs it
 
     def set_k(self, k: float) -> None:
-        self.kept = [hi - lo if dense else kept_count(k, hi - lo)  # the hints stay good: they only speed it up
-                     for (lo, hi), dense in zip(self.groups, self.dense_groups)]
+        # a group of its own k follows a k warm-up in step: own ** (log k / log model.k)
+        at = math.log(k) / math.log(self.k) if self.k < 1 else 1.0
+        self.kept = [hi - lo if own == 1.0 else kept_count(k if own is None else own**at, hi - lo)  # the hints stay good: they only speed it up
+                     for (lo, hi), own in zip(self.groups, self.group_k)]
         if self.radix:
             self.radix.set_kept(self.kept)
 

@@ -1,5 +1,5 @@
-"""The score network: architectures built from the layers (layers.py), initialization, and the
-Network that holds the frozen weights, the learned tensor and the masks as flat buffers.
+"""The score network: initialization, and the Network (its layers built by architectures.py)
+that holds the frozen weights, the learned tensor and the masks as flat buffers.
 
 Every weight layer computes with effective weights W_eff instead of its frozen random weights W;
 how W_eff is made and how dL/dW_eff reaches what is learned is the network's method
@@ -12,13 +12,13 @@ All array code is written against `xp` (numpy or cupy).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..kernels.backend import fused
-from .layers import Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, norm, norm_layers, weight_layers
+from .architectures import ARCHITECTURES, build_layers  # noqa: F401 - the registry, re-exported
+from .layers import norm_layers, weight_layers
 from .methods import METHODS
 
 if TYPE_CHECKING:  # annotations only: nn/ does not depend on run/
@@ -27,112 +27,13 @@ if TYPE_CHECKING:  # annotations only: nn/ does not depend on run/
 RELU_GAIN = math.sqrt(2.0)
 
 
-def _mlp_layers(xp, widths: list[int]) -> list:
-    """Flatten, then linear layers of these widths with a ReLU between each two."""
-    layers = [Flatten()]
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(Linear(xp, n_in, n_out))
-        if i < len(widths) - 2:
-            layers.append(ReLU(xp))
-    return layers
-
-
-def _scale(cfg: ModelConfig):
-    return lambda n: max(1, int(round(n * cfg.width)))
-
-
-class MLP:
-    """Fully connected: model.widths gives the inputs, the hidden widths and the classes."""
-
-    def layers(self, xp, cfg: ModelConfig, image_shape, n_classes: int) -> list:
-        return _mlp_layers(xp, cfg.widths)
-
-
-@dataclass(frozen=True)
-class PlainConvNet:
-    """Convs of one kernel size with BatchNorm (model.bn) and ReLU, 'M' = a 2x2 max pool, then
-    fully connected layers; model.width scales every channel count and hidden width."""
-
-    kernel: int
-    convs: tuple
-    hidden: tuple
-
-    def layers(self, xp, cfg: ModelConfig, image_shape, n_classes: int) -> list:
-        (h, w, c), scale, layers = image_shape, _scale(cfg), []
-        for item in self.convs:
-            if item == "M":
-                layers.append(MaxPool2d(xp))
-                h, w = h // 2, w // 2
-            else:
-                layers += [Conv2d(xp, c, scale(item), self.kernel), *norm(xp, scale(item), cfg.bn), ReLU(xp)]
-                c = scale(item)
-        return layers + _mlp_layers(xp, [h * w * c] + [scale(n) for n in self.hidden] + [n_classes])
-
-
-@dataclass(frozen=True)
-class ResNet:
-    """A stem conv, stages of residual blocks (the first of each later stage strided), global
-    average pooling and a linear classifier; model.width scales the stages (and the stem where
-    `wide_stem`)."""
-
-    stem: int
-    stages: tuple
-    blocks: int
-    wide_stem: bool = True
-
-    def layers(self, xp, cfg: ModelConfig, image_shape, n_classes: int) -> list:
-        c, scale = image_shape[2], _scale(cfg)
-        stem = scale(self.stem) if self.wide_stem else self.stem
-        layers = [Conv2d(xp, c, stem, 3), *norm(xp, stem, cfg.bn), ReLU(xp)]
-        c = stem
-        for i, width in enumerate(self.stages):
-            for j in range(self.blocks):
-                layers.append(ResidualBlock(xp, c, scale(width), 2 if i > 0 and j == 0 else 1, cfg.bn))
-                c = scale(width)
-        return layers + [GlobalAvgPool(xp), Linear(xp, c, n_classes)]
-
-
-# The architecture registry (run/config.py takes model.arch's names from it): adding one is adding
-# an entry. The VGG-like nets of the lottery-ticket and edge-popup papers (3x3 convs) and a
-# LeNet-style net (5x5 convs) for MNIST; the CIFAR ResNets of He et al. (6n + 2 layers, 16-32-64
-# channels), the CIFAR ResNet-18 (hidden-networks' cResNet18), and a wide ResNet of depth 28
-# (Zagoruyko & Komodakis: 4 blocks per stage of 16k-32k-64k channels, k = model.width; a stem of
-# 16 whatever k).
-ARCHITECTURES = {
-    "mlp": MLP(),
-    "lenet": PlainConvNet(5, (32, "M", 64, "M"), (512,)),
-    "conv2": PlainConvNet(3, (64, 64, "M"), (256, 256)),
-    "conv4": PlainConvNet(3, (64, 64, "M", 128, 128, "M"), (256, 256)),
-    "conv6": PlainConvNet(3, (64, 64, "M", 128, 128, "M", 256, 256, "M"), (256, 256)),
-    "conv8": PlainConvNet(3, (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"), (256, 256)),
-    "resnet20": ResNet(16, (16, 32, 64), 3),
-    "resnet32": ResNet(16, (16, 32, 64), 5),
-    "resnet56": ResNet(16, (16, 32, 64), 9),
-    "resnet18": ResNet(64, (64, 128, 256, 512), 2),
-    "wrn28": ResNet(16, (16, 32, 64), 4, wide_stem=False),
-}
-
-
-def build_layers(xp, cfg: ModelConfig, image_shape: tuple[int, int, int], n_classes: int) -> list:
-    """The layer list of `cfg.arch` for [N, H, W, C] inputs, its weight layers numbered in forward
-    order, BatchNorms likewise."""
-    return _numbered(ARCHITECTURES[cfg.arch].layers(xp, cfg, image_shape, n_classes))
-
-
-def _numbered(layers: list) -> list:
-    for i, layer in enumerate(weight_layers(layers)):
-        layer.index = i
-    for i, layer in enumerate(norm_layers(layers)):
-        layer.number = i
-    return layers
-
-
 # --- initialization (on the host, so a seed gives the same network on every backend) ----------
 
 
 def draw_weights(rng: np.random.Generator, cfg: ModelConfig, layer) -> np.ndarray:
     """A weight layer's random weights, float32, as cfg.init says (and IteRand redraws them)."""
-    fan = layer.fan_in * cfg.k if cfg.scale_fan else layer.fan_in
+    k = cfg.k if getattr(layer, "keep", None) is None else layer.keep  # the layer's own k, where it has one
+    fan = layer.fan_in * k if cfg.scale_fan else layer.fan_in
     std = RELU_GAIN / math.sqrt(fan)
     if cfg.init == "signed_constant":
         w = np.where(rng.random(layer.shape) < 0.5, -std, std)

@@ -1,6 +1,6 @@
 """What a run ran on: the libraries whose code computes its bits (NumPy, numba and llvmlite, the
-BLAS library with its kernel and thread count, CuPy and CUDA), the processor, and scoretrain
-itself (its git commit where it runs from a checkout). run.h5 keeps one record per session that
+BLAS library with its kernel and thread count, CuPy and CUDA, the conv engine with its library's
+version and threads), the processor, and scoretrain itself (its git commit where it runs from a checkout). run.h5 keeps one record per session that
 trained the run (store: `environments`); `fit --resume` says in one line when the continuation
 runs on others, since the same code and seed can give other bits after a library upgrade.
 
@@ -19,7 +19,8 @@ from pathlib import Path
 from .. import __version__
 
 # the entries that change a run's bits when they change (not the host's name or the OS)
-BITS = ("numpy", "numba", "llvmlite", "blas", "cupy", "cuda", "gpu", "cpu")
+BITS = ("numpy", "numba", "llvmlite", "blas", "conv_engine", "cupy", "cuda", "gpu", "cpu")
+RECORDED_SINCE = {"conv_engine": "im2col"}  # what a record written before the entry existed ran on
 
 
 def _version(package: str) -> str | None:
@@ -63,14 +64,22 @@ def _blas() -> str:
     except ImportError:
         return "unknown (threadpoolctl is not installed)"
     found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    # NumPy's own (its wheel's numpy.libs): another package's BLAS loaded later in the process
+    # (SciPy's, say) computes none of a run's bits and would make a resume look like a new library
+    import numpy
+
+    site = str(Path(numpy.__file__).parent)
+    own = [i for i in found if str(i.get("filepath", "")).startswith((site + "/", site + ".libs/"))]
+    found = own or found
     if not found:
         return "none found"
     return "; ".join(f"{i['internal_api']} {i.get('version') or '?'} ({i.get('architecture') or '?'} kernel, "
                      f"{i['num_threads']} thread{'s' if i['num_threads'] != 1 else ''})" for i in found)
 
 
-def describe(backend) -> dict[str, str | None]:
-    """This process's record, for a run on `backend`."""
+def describe(backend, engine=None) -> dict[str, str | None]:
+    """This process's record, for a run on `backend` whose convs `engine` computes
+    (kernels/conv_engine.py; None: im2col)."""
     env = {
         "scoretrain": __version__ + (f" ({commit})" if (commit := _commit()) else ""),
         "python": platform.python_version(),
@@ -79,6 +88,7 @@ def describe(backend) -> dict[str, str | None]:
         "llvmlite": _version("llvmlite"),
         "h5py": _version("h5py"),
         "blas": _blas(),
+        "conv_engine": engine.describe() if engine is not None else "im2col",
         "cpu": _cpu(),
         "os": platform.platform(),
         "cupy": None,
@@ -99,4 +109,5 @@ def describe(backend) -> dict[str, str | None]:
 
 def differences(old: dict, new: dict) -> list[str]:
     """'numpy 2.3.1 -> 2.4.0' for each entry in BITS that differs."""
-    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in BITS if old.get(k) != new.get(k)]
+    before = lambda k: old.get(k, RECORDED_SINCE.get(k))  # noqa: E731
+    return [f"{k} {before(k)} -> {new.get(k)}" for k in BITS if before(k) != new.get(k)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, RunError, os_reason
+from ..kernels import conv_engine
 from ..kernels.backend import Backend, load_kernels, resolve
 from . import config as config_mod
 from . import environment, store, tensorboard
@@ -44,10 +45,11 @@ class Session:
 
 def new_run(cfg: Config, backend: Backend, dd: DeviceData) -> store.Run:
     """A fresh run: the seed's weights (and scores), no epochs yet."""
-    weights, scores = initial_tensors(cfg)
+    weights, scores = initial_tensors(cfg, dd.info)
     attrs = store.base_attrs(cfg.seed, backend.name, backend.device, dd.mean, dd.std, config_mod.dump(cfg))
+    attrs.update(dd.info.to_attrs(), data_source=dd.identity, data_digest=dd.digest)  # what it trains on
     run = store.Run(attrs=attrs, weights=weights, scores=scores, k=cfg.model.k)
-    store.record_environment(run, environment.describe(backend))
+    store.record_environment(run, environment.describe(backend, engine(cfg, backend)))
     return run
 
 
@@ -61,7 +63,17 @@ def on_device(cfg: Config, mean=None, std=None) -> tuple[Backend, DeviceData]:
     dd = load_data(cfg, backend, mean, std)
     check_memory(cfg, backend, dd)
     load_kernels(backend.xp)
+    engine(cfg, backend)  # train.conv_engine=torch without PyTorch: one line now, not a failed run
     return backend, dd
+
+
+def engine(cfg: Config, backend: Backend):
+    """The conv engine the run computes with (train.conv_engine; kernels/conv_engine.py): none
+    but im2col's code runs for a network without convs, so it records im2col."""
+    layers = cfg.model.layers  # written out once the data's shape is known (config.check_data)
+    if layers is not None and not any(isinstance(l, dict) and next(iter(l)) in ("conv", "residual") for l in layers):
+        return conv_engine.IM2COL  # (and PyTorch is not even imported)
+    return conv_engine.resolve(cfg.train.conv_engine, backend.xp)
 
 
 def prepare(cfg: Config) -> tuple[Backend, DeviceData, store.Run]:
@@ -80,14 +92,14 @@ def start(cfg: Config, runs_dir: Path, name: str | None) -> Session:
     run_dir = store.create_run_dir(Path(runs_dir), name, stem)
     store.claim(run_dir)  # a --resume of it is refused while this process trains it
     _first_checkpoint(cfg, run_dir, run)
-    return Session(cfg, run_dir, backend, dd, run)
+    return Session(cfg, run_dir, backend, dd, run, dd.note)
 
 
 def begin_in(cfg: Config, run_dir: Path) -> Session:
     """A new run in `run_dir`, an empty folder this process has claimed (a sweep's run)."""
     backend, dd, run = prepare(cfg)
     _first_checkpoint(cfg, run_dir, run)
-    return Session(cfg, Path(run_dir), backend, dd, run)
+    return Session(cfg, Path(run_dir), backend, dd, run, dd.note)
 
 
 def _first_checkpoint(cfg: Config, run_dir: Path, run: store.Run) -> None:
@@ -136,13 +148,13 @@ def reopen(run_dir: Path, locked: bool = False) -> Session:
     store.remove_stale_temps(run_dir)  # left by a writer killed in mid-checkpoint
     note = None
     if store.never_checkpointed(run_dir):  # killed before its first checkpoint: start it over
-        cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+        cfg = config_mod.load_written(run_dir / store.CONFIG_FILE)
         backend, dd, run = prepare(cfg)
     else:
         run, recorded = store.open_run(run_dir, with_optimizer=True)
         cfg = recorded
         if (run_dir / store.CONFIG_FILE).is_file():
-            cfg = config_mod.load(run_dir / store.CONFIG_FILE)
+            cfg = config_mod.load_written(run_dir / store.CONFIG_FILE)
             changed = config_mod.differences(cfg, recorded, sections=("seed", "data", "model"))
             if changed:
                 key, new, old = changed[0]
@@ -150,8 +162,9 @@ def reopen(run_dir: Path, locked: bool = False) -> Session:
                                   "(as run.h5 records): the seed, data and model cannot change on resume; restore it, or start a new run")
         check_resumable(run, run_dir, locked)
         backend, dd = on_device(cfg, run.attrs["input_mean"], run.attrs["input_std"])
+        check_same_data(run, dd, run_dir)
         run.attrs.update(status="running", pid=os.getpid(), host=socket.gethostname(), message="", spec=config_mod.dump(cfg))
-        env, before = environment.describe(backend), store.environments(run)
+        env, before = environment.describe(backend, engine(cfg, backend)), store.environments(run)
         changed = environment.differences(before[-1], env) if before else []
         if changed:  # the same code and seed can give other bits on other libraries
             note = (f"note: {run_dir} resumes on other libraries than it trained on ({'; '.join(changed)}): "
@@ -166,13 +179,23 @@ def reopen(run_dir: Path, locked: bool = False) -> Session:
     return Session(cfg, run_dir, backend, dd, run, note)
 
 
+def check_same_data(run: store.Run, dd: DeviceData, run_dir: Path) -> None:
+    """A RunError unless the data is the data the run trained on (the digest run.h5 records;
+    runs that record none trained on a verified built-in dataset)."""
+    recorded = run.attrs.get("data_digest")
+    if recorded and recorded != dd.digest:
+        raise RunError(f"{run_dir}: the data ({dd.identity}) is not what the run trained on (its digest {dd.digest[:12]}… differs "
+                       f"from the recorded {str(recorded)[:12]}…, from {run.attrs.get('data_source')}); restore that data")
+
+
 def train(session: Session, reporter) -> store.Run:
     """Train a claimed run to cfg.train.epochs, a checkpoint after each epoch, then release it.
     A stop (train.Interrupted, train.Diverged, train.CheckpointError, a fault) is re-raised after
     run.h5 has recorded it."""
     s = session
     try:
-        return loop.fit(s.cfg, s.run_dir, s.backend, s.run, s.dd, reporter)
+        with conv_engine.using(engine(s.cfg, s.backend)):
+            return loop.fit(s.cfg, s.run_dir, s.backend, s.run, s.dd, reporter)
     finally:
         reporter.close()
         store.release(s.run_dir)

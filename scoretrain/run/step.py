@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 
-from ..data import datasets as data
 from ..errors import failure
 from ..kernels.backend import Backend
 from ..nn import optim
-from ..nn.model import Network, cross_entropy, init_network
+from ..nn.layers import Conv2d, walk
+from ..nn.model import Network, build_layers, cross_entropy, init_network
 from .config import Config
 
 
@@ -141,16 +141,29 @@ def stepper(cfg: Config, backend: Backend, net: Network, opt):
     return EagerStep(net, opt)
 
 
-def warm_up(cfg: Config, backend: Backend, steps: int = 6) -> None:
+def _one_channel(layers: list) -> list:
+    """A written-out layer list with one channel per conv and block, one unit per linear, but
+    the last weight layer's (the classes)."""
+    size = {"conv": "channels", "residual": "channels", "linear": "units"}
+    weighted = [i for i, item in enumerate(layers) if isinstance(item, dict) and next(iter(item)) in size]
+    out = list(layers)
+    for i in weighted[:-1]:
+        (kind, p), = layers[i].items()
+        out[i] = {kind: {**p, size[kind]: 1}}
+    return out
+
+
+def warm_up(cfg: Config, backend: Backend, info, steps: int = 6) -> None:
     """Train and measure a tiny network of the run's method and optimizer for a few steps, so that
     every fused loop the run calls is compiled (numba on the CPU, on a machine's first run: seconds;
     CUDA kernels on a GPU) before epoch 1 is timed: epoch_seconds never includes compilation. Its
     own weights, data and optimizer: nothing of the run changes. The loops compile for argument
     types, not sizes, so the tiny network compiles what the real one runs."""
-    h, w, c, classes = data.SHAPES[cfg.data.name]
-    tiny = [dataclasses.replace(cfg.model, arch="mlp", widths=[h * w * c, 32, classes], k_warmup_epochs=0)]
-    if cfg.model.arch != "mlp":  # and its own layers at one channel each, for the conv loops (col2im)
-        tiny.append(dataclasses.replace(cfg.model, width=1e-3, k_warmup_epochs=0))
+    (h, w, c), classes = info.image_shape, info.n_classes
+    tiny = [dataclasses.replace(cfg.model, arch="mlp", layers=None, widths=[h * w * c, 32, classes], width=1.0, bn="none",
+                                k_warmup_epochs=0)]
+    if any(isinstance(l, Conv2d) for l in walk(build_layers(np, cfg.model, (h, w, c), classes))):  # and its convs (col2im)
+        tiny.append(dataclasses.replace(cfg.model, arch="custom", layers=_one_channel(cfg.model.layers), k_warmup_epochs=0))
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.standard_normal((8, h, w, c)).astype(np.float32))
     y = backend.asarray(rng.integers(0, classes, 8))

@@ -25,11 +25,11 @@ import numpy as np
 
 from .. import __version__
 from . import config as config_mod
-from ..data.datasets import SHAPES
 from ..errors import ConfigError, RunError
 from ..nn.methods import METHODS
 from ..nn.layers import norm_layers, weight_layers
 from ..nn.model import build_layers, score_shape
+from .resources import data_info
 
 try:
     import fcntl
@@ -74,13 +74,51 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
+SWEEP_RECORD = "sweep.yaml"  # what makes a folder a sweep's (commands/sweep.py)
+
+
+def folder_kind(path: Path) -> str | None:
+    """What an existing folder holds, for a command about to write into it: "a run folder", "a
+    sweep folder", "a dataset folder", "a folder of runs", "a folder of other files" (naming
+    a few), or None where it is empty or missing. Dot files and folders are not counted."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if (path / RUN_FILE).exists() or (path / CONFIG_FILE).exists():
+        return "a run folder"
+    if (path / SWEEP_RECORD).exists():
+        return "a sweep folder"
+    if any(_holds_dataset(p) for p in [path, *entries] if p.is_dir()):
+        return "a dataset folder"
+    if entries and all(p.is_dir() and folder_kind(p) == "a run folder" for p in entries):
+        return "a folder of runs"
+    if entries:
+        return f"a folder of other files ({', '.join(p.name for p in entries[:3])}{', ...' if len(entries) > 3 else ''})"
+    return None
+
+
+def _holds_dataset(folder: Path) -> bool:
+    from ..data import datasets
+
+    names = {fn for spec in datasets.DATASETS.values() for fn, _ in spec.files.values()}
+    return any(p.name.removesuffix(".gz") in names for p in folder.iterdir())
+
+
 def create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
-    """mkdir a new run folder: `name` if given (refused if taken), else `<stem>-<time>-<random>`."""
+    """mkdir a new run folder: `name` if given (refused if taken), else `<stem>-<time>-<random>`.
+    A --runs-dir that is itself a run, a sweep's or a dataset's folder is refused: runs go into
+    a folder of runs."""
     runs_dir = Path(runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise RunError(f"{runs_dir}: --runs-dir must be a folder, but this is a file")
+    kind = folder_kind(runs_dir)
+    if kind in ("a run folder", "a sweep folder", "a dataset folder"):
+        hint = f"scoretrain sweep ... --runs-dir {runs_dir}" if kind == "a sweep folder" else "a folder of runs, e.g. runs/"
+        raise RunError(f"{runs_dir}: --runs-dir is {kind}, not a folder of runs: give {hint}")
     if name is not None:
         check_name(name)
+    _made[str(runs_dir)] = missing_parents(runs_dir)
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -106,16 +144,35 @@ def check_name(name: str) -> None:
         raise RunError(f"--name: {len(name.encode())} characters is too long for a folder name (at most {NAME_MAX})")
 
 
+_made: dict[str, list[Path]] = {}  # runs folder -> the folders create_run_dir made for it, deepest first
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The folders that a mkdir(parents=True) of `path` would create, deepest first."""
+    path, out = Path(path), []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """rmdir each folder (deepest first) this process made, where it is still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it, or the file system refuses: leave it
+            return
+
+
 def remove_unstarted(run_dir: Path) -> None:
     """Delete a run folder that this process created but could not write its first checkpoint
     into: nothing of the run exists yet, and a folder holding only config.yaml would look like a
-    run killed before its first checkpoint. Only the files `fit` writes are removed."""
+    run killed before its first checkpoint. Only the files `fit` writes are removed, and the
+    folders above it that create_run_dir made."""
     for name in (CONFIG_FILE, RUN_FILE):  # (write_atomic removes its own temporary files)
         (Path(run_dir) / name).unlink(missing_ok=True)
-    try:
-        Path(run_dir).rmdir()
-    except OSError:  # something else is in it, or the file system refuses: leave it
-        pass
+    remove_folders([Path(run_dir), *_made.pop(str(Path(run_dir).parent), [])])
 
 
 def write_atomic(path: Path, write) -> None:
@@ -189,34 +246,56 @@ def _write_h5(path: Path, run: Run) -> None:
         np.empty(HDF5_HEADROOM, np.uint8)  # address space only: nothing is touched
     except MemoryError:
         raise MemoryError(f"less than {HDF5_HEADROOM >> 20} MiB of memory left to write {path.name}") from None
-    with h5py.File(path, "w") as f:
+    # rdcc_nbytes=0: no chunk cache, so each chunk is written (and a full disk raised) where it is made,
+    # not flushed when h5py drops its dataset objects (where HDF5 could only print the error)
+    with h5py.File(path, "w", rdcc_nbytes=0) as f:
         for key, value in run.attrs.items():
             f.attrs[key] = value
         f.attrs["epochs_done"] = run.epochs_done
         for i, w in enumerate(run.weights):
             g = f.create_group(f"layers/{i:02d}")
             g.attrs["kind"] = "conv" if w.ndim == 4 else "linear"
-            g.create_dataset("weight", data=w.astype(np.float32))
+            _array(g, "weight", w.astype(np.float32))
             if run.scores is not None:
                 g.attrs["k"] = run.k
-                g.create_dataset("scores", data=run.scores[i].astype(np.float32))
+                _array(g, "scores", run.scores[i].astype(np.float32))
                 if run.masks is not None:
-                    g.create_dataset("mask", data=run.masks[i].astype(np.uint8))
+                    _array(g, "mask", run.masks[i].astype(np.uint8))
                 if run.mask_change_layers:
-                    g.create_dataset("mask_change", data=np.array([row[i] for row in run.mask_change_layers]))
+                    _array(g, "mask_change", np.array([row[i] for row in run.mask_change_layers]))
         for i, s in enumerate(run.norms or []):
-            f.create_dataset(f"batchnorm/{i:02d}/state", data=np.asarray(s, np.float32))
+            _array(f, f"batchnorm/{i:02d}/state", np.asarray(s, np.float32))
         m = f.create_group("metrics")
         for key in METRICS:
             dtype = np.int32 if key == "epoch" else np.float64
-            m.create_dataset(key, data=np.asarray(run.metrics[key], dtype=dtype), maxshape=(None,))
+            _array(m, key, np.asarray(run.metrics[key], dtype=dtype), maxshape=(None,))
         if run.optimizer is not None:
             o = f.create_group("optimizer")
             o.attrs["name"] = run.optimizer["name"]
             o.attrs["steps"] = run.optimizer["steps"]
             for slot, arrays in run.optimizer["slots"].items():
                 for i, a in enumerate(arrays):
-                    o.create_dataset(f"{slot}/{i:02d}", data=a)
+                    _array(o, f"{slot}/{i:02d}", a)
+
+
+def _array(group, name: str, data: np.ndarray, **kw) -> None:
+    """A dataset with HDF5's Fletcher-32 checksum of each chunk, which HDF5 verifies on every read:
+    bit rot in run.h5 is a read error (see _read), never a quietly different network."""
+    if data.ndim == 0:  # a scalar cannot be chunked, and so has no checksum
+        group.create_dataset(name, data=data, **kw)
+        return
+    chunks = None if data.size else (1,) * data.ndim  # an empty array gets a chunk shape of its own
+    group.create_dataset(name, data=data, fletcher32=True, chunks=chunks, **kw)
+
+
+def _read(dataset) -> np.ndarray:
+    """A dataset's values; a RunError naming it where HDF5 finds its checksum wrong (or cannot read it)."""
+    try:
+        return dataset[()]
+    except OSError as e:
+        # the Fletcher-32 filter is the only one run.h5 uses: its failure is a checksum that does not match
+        reason = "its checksum does not match: the file is damaged" if dataset.fletcher32 else str(e).splitlines()[0]
+        raise RunError(f"{dataset.file.filename}: cannot read the array {dataset.name} ({reason}); restore the run from a copy") from None
 
 
 def load(run_dir: Path, with_optimizer: bool = False) -> Run:
@@ -262,24 +341,24 @@ def _read_attrs(f: h5py.File, path: Path) -> dict:
 def _read_h5(f: h5py.File, path: Path, with_optimizer: bool) -> Run:
     attrs = _read_attrs(f, path)
     layers = [f["layers"][name] for name in sorted(f["layers"])]
-    weights = [g["weight"][()] for g in layers]
+    weights = [_read(g["weight"]) for g in layers]
     has_scores = all("scores" in g for g in layers)
     run = Run(
         attrs=attrs,
         weights=weights,
-        scores=[g["scores"][()] for g in layers] if has_scores else None,
-        masks=[g["mask"][()].astype(bool) for g in layers] if has_scores and all("mask" in g for g in layers) else None,
+        scores=[_read(g["scores"]) for g in layers] if has_scores else None,
+        masks=[_read(g["mask"]).astype(bool) for g in layers] if has_scores and all("mask" in g for g in layers) else None,
         k=float(layers[0].attrs["k"]) if has_scores else 1.0,
-        metrics=_read_metrics(f),
-        mask_change_layers=np.stack([g["mask_change"][()] for g in layers], axis=1).tolist()
+        metrics=_read_metrics(f, path),
+        mask_change_layers=np.stack([_read(g["mask_change"]) for g in layers], axis=1).tolist()
         if layers and all("mask_change" in g for g in layers) else [],
     )
     if "batchnorm" in f:
-        run.norms = [f["batchnorm"][name]["state"][()] for name in sorted(f["batchnorm"])]
+        run.norms = [_read(f["batchnorm"][name]["state"]) for name in sorted(f["batchnorm"])]
     run.epochs_saved = run.epochs_done
     if with_optimizer and "optimizer" in f:
         o = f["optimizer"]
-        slots = {slot: [o[slot][i][()] for i in sorted(o[slot])] for slot in o}
+        slots = {slot: [_read(o[slot][i]) for i in sorted(o[slot])] for slot in o}
         run.optimizer = {"name": o.attrs["name"], "steps": int(o.attrs["steps"]), "slots": slots}
     return run
 
@@ -295,7 +374,7 @@ def load_spec(run_dir: Path, run: Run) -> config_mod.Config:
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunError(f"{run_dir}: no {CONFIG_FILE}, and its {RUN_FILE} (written by scoretrain "
                            f"{run.attrs.get('scoretrain_version', '?')}) keeps no copy of the spec: restore {CONFIG_FILE}")
-        return config_mod.load(run_dir / CONFIG_FILE)
+        return config_mod.load_written(run_dir / CONFIG_FILE)
     except ConfigError as e:  # a broken run, not a bad command line: exit 1 like the other run errors
         raise RunError(str(e)) from None
 
@@ -314,8 +393,8 @@ def check_matches(run_dir: Path, cfg: config_mod.Config, run: Run) -> None:
     """A RunError unless the spec describes the run's arrays: the layer shapes, whether scores
     are learned, and k. (A run's own spec always does; a config.yaml edited beside an older
     run.h5, which keeps no spec, may not.)"""
-    h, w, c, classes = SHAPES[cfg.data.name]
-    layers = build_layers(np, cfg.model, (h, w, c), classes)
+    info = data_info(cfg, run.attrs)
+    layers = build_layers(np, cfg.model, info.image_shape, info.n_classes)
     shapes = [l.shape for l in weight_layers(layers)]
     found = [tuple(a.shape) for a in run.weights]
     norms = [(4 if n.affine else 2, n.c) for n in norm_layers(layers)]
@@ -345,7 +424,7 @@ def edited(run_dir: Path, cfg: config_mod.Config) -> str | None:
     if not path.is_file():
         return None
     try:
-        on_disk = config_mod.load(path)
+        on_disk = config_mod.load_written(path)
     except ConfigError as e:
         return f"it cannot be read ({e})"
     changed = config_mod.differences(on_disk, cfg)
@@ -384,13 +463,23 @@ def load_summary(run_dir: Path) -> Run:
 
 
 def _read_summary(f: h5py.File, path: Path) -> Run:
-    return Run(attrs=_read_attrs(f, path), weights=[], metrics=_read_metrics(f))
+    return Run(attrs=_read_attrs(f, path), weights=[], metrics=_read_metrics(f, path))
 
 
-def _read_metrics(f: h5py.File) -> dict[str, list]:
+def _read_metrics(f: h5py.File, path: Path) -> dict[str, list]:
+    """/metrics, refused in one line unless it is one row per epoch: every metric as long as
+    `epoch`, which counts 1, 2, ... up to the root attribute epochs_done."""
     m = f["metrics"]
     n = len(m["epoch"])
-    return {key: m[key][()].tolist() if key in m or key not in OPTIONAL_METRICS else [float("nan")] * n for key in METRICS}
+    metrics = {key: _read(m[key]).tolist() if key in m or key not in OPTIONAL_METRICS else [float("nan")] * n for key in METRICS}
+    problem = next((f"{key} has {len(v)} values for {n} epochs" for key, v in metrics.items() if len(v) != n), None)
+    if problem is None and metrics["epoch"] != list(range(1, n + 1)):
+        problem = f"epoch counts {metrics['epoch'][:5]}{' ...' if n > 5 else ''}, not 1 to {n}"
+    if problem is None and int(f.attrs.get("epochs_done", n)) != n:
+        problem = f"epochs_done is {f.attrs['epochs_done']}, but it has {n} rows"
+    if problem:
+        raise RunError(f"{path}: inconsistent metrics ({problem}): the file is damaged or was edited; restore the run from a copy")
+    return metrics
 
 
 # --- resuming ---------------------------------------------------------------------------------

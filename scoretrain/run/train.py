@@ -88,8 +88,8 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
         try:
             # compile before the first epoch's clock starts, and before the network's buffers take
             # memory: under a memory limit LLVM aborts the process where its allocations fail
-            warm_up(cfg, backend)
-            net, opt = _network_and_optimizer(cfg, backend, run)
+            warm_up(cfg, backend, dd.info)
+            net, opt = _network_and_optimizer(cfg, backend, run, dd.info)
             reporter.start(run_dir, cfg, backend, run.epochs_done)
             step = stepper(cfg, backend, net, opt)
             log = tensorboard.EpochLog(run_dir, run.epochs_done + 1) if cfg.train.tensorboard else None
@@ -118,11 +118,11 @@ def fit(cfg: Config, run_dir, backend: Backend, run: store.Run, dd: DeviceData, 
     return run
 
 
-def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run):
+def _network_and_optimizer(cfg: Config, backend: Backend, run: store.Run, info):
     """The network and optimizer on the device, from the run's state (fresh or resumed). The
     network holds copies: training updates its arrays in place, and the checkpoint saved on an
     interrupt must still hold the last finished epoch (run.*)."""
-    net = network(cfg, backend, run.weights, run.scores, run.norms)
+    net = network(cfg, info, backend, run.weights, run.scores, run.norms)
     opt = optim.make(backend.xp, net.params, cfg.train)
     if run.optimizer is not None:  # resuming
         opt.steps = run.optimizer["steps"]
