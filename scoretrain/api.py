@@ -58,6 +58,7 @@ def fit(config: str | Path | dict | None = None, overrides: list[str] = (), *, d
         every = [*overrides, *(_override(k, v) for k, v in keys.items())]
         if data is not None:
             every.append(f"data.path={config_mod.yaml_value(str(_data_path(data)))}")
+        config_mod.check_once(every)
         for o in every:
             config_mod.apply_override(raw, o)
         session = lifecycle.start(config_mod.from_dict(raw), runs_dir, name)

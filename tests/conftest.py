@@ -30,6 +30,17 @@ def small():
     return list(SMALL)
 
 
+def merged(*groups) -> list:
+    """Overrides of several lists as one, each key once: a later list's value replaces an earlier
+    one's in its place (the command line refuses a key given twice)."""
+    out = {}
+    for group in groups:
+        for o in group:
+            key = o.split("=", 1)[0]
+            out[key] = o
+    return list(out.values())
+
+
 def for_arch(small_args: list, overrides) -> list:
     """`small_args` fit for `overrides`: an arch other than the mlp takes no model.widths."""
     conv = any(o.startswith("model.arch=") and o != "model.arch=mlp" for o in overrides)
@@ -99,7 +110,8 @@ def sweep(small, tmp_path_factory, tmp_path):
         if key not in _sweeps:
             folder = tmp_path_factory.mktemp(name)
             for args in runs:
-                result = CliRunner().invoke(app, ["fit", FC, *small, *args, "--runs-dir", str(folder), "-q"])
+                flags = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))  # the overrides come first
+                result = CliRunner().invoke(app, ["fit", FC, *merged(small, args[:flags]), *args[flags:], "--runs-dir", str(folder), "-q"])
                 assert result.exit_code == 0, result.output
             _sweeps[key] = folder
         shutil.copytree(_sweeps[key], tmp_path / "runs")
@@ -158,7 +170,7 @@ main()
 
 
 def args_of(small, variant, *extra):
-    args = [*small, f"train.epochs={EPOCHS}", *VARIANTS[variant], *extra]
+    args = merged(small, [f"train.epochs={EPOCHS}"], VARIANTS[variant], extra)
     return for_arch(args, args)
 
 

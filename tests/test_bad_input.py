@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest import merged
 from typer.testing import CliRunner
 
 from scoretrain.kernels import backend
@@ -31,7 +32,7 @@ class World:
     def __init__(self, base: Path, small: list[str]):
         self.base, self.small = base, small
         self.runs = base / "runs"
-        result = runner.invoke(app, ["fit", FC, *small, "train.epochs=1", "--runs-dir", str(self.runs), "--name", "done", "-q"])
+        result = runner.invoke(app, ["fit", FC, *merged(small, ["train.epochs=1"]), "--runs-dir", str(self.runs), "--name", "done", "-q"])
         assert result.exit_code == 0, result.output
         done = self.runs / "done"
         good = (done / "run.h5").read_bytes()
@@ -89,7 +90,7 @@ def w(tmp_path_factory):
 
 
 def fit(w, *args):
-    return ["fit", *args, "--runs-dir", str(w.runs)]
+    return ["fit", *merged(args), "--runs-dir", str(w.runs)]  # a case's override in place of w.small's
 
 
 def gpu_present() -> bool:

@@ -5,7 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import for_arch
+from conftest import for_arch, merged
 from typer.testing import CliRunner
 
 from scoretrain.run import store
@@ -21,7 +21,7 @@ def fit(tmp_path, *args):
 
 
 def test_fit_writes_a_complete_run_and_eval_reproduces_it(tmp_path, small):
-    result = fit(tmp_path, *small, "model.k=0.3", "--name", "k03")
+    result = fit(tmp_path, *merged(small, ["model.k=0.3"]), "--name", "k03")
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "k03"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "run.h5"]
@@ -45,7 +45,7 @@ def test_weights_never_change_in_edge_popup_and_do_in_dense(tmp_path, small):
     from scoretrain.nn.model import init_network
 
     assert fit(tmp_path, *small, "--name", "ep").exit_code == 0
-    assert fit(tmp_path, *small, "model.method=dense", "--name", "dense").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["model.method=dense"]), "--name", "dense").exit_code == 0
     initial, _ = init_network(ModelConfig(widths=[784, 64, 10]), seed=0)
     ep, dense = store.load(tmp_path / "ep"), store.load(tmp_path / "dense")
     for w0, w_ep, w_d in zip(initial, ep.weights, dense.weights):
@@ -62,17 +62,17 @@ def test_same_seed_gives_identical_runs(tmp_path, small):
         np.testing.assert_array_equal(x, y)
     for key in ("train_loss", "test_loss", "test_acc"):
         assert a.metrics[key] == b.metrics[key]
-    assert fit(tmp_path, *small, "seed=1", "--name", "c").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["seed=1"]), "--name", "c").exit_code == 0
     assert not np.array_equal(store.load(tmp_path / "c").masks[0], a.masks[0])
 
 
 def test_generated_names_and_no_overwrite(tmp_path, small):
-    assert fit(tmp_path, *small, "train.epochs=1").exit_code == 0
-    assert fit(tmp_path, *small, "train.epochs=1").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["train.epochs=1"])).exit_code == 0
+    assert fit(tmp_path, *merged(small, ["train.epochs=1"])).exit_code == 0
     assert len(list(tmp_path.iterdir())) == 2
-    assert fit(tmp_path, *small, "train.epochs=1", "--name", "x").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["train.epochs=1"]), "--name", "x").exit_code == 0
     before = (tmp_path / "x" / "run.h5").read_bytes()
-    result = fit(tmp_path, *small, "train.epochs=1", "--name", "x")
+    result = fit(tmp_path, *merged(small, ["train.epochs=1"]), "--name", "x")
     assert result.exit_code == 1 and "already exists" in result.output
     assert (tmp_path / "x" / "run.h5").read_bytes() == before
 
@@ -100,7 +100,7 @@ def test_eval_refuses_what_is_not_a_run(tmp_path):
 
 def test_run_file_is_readable_while_training_would_be(tmp_path, small):
     """Another process may open run.h5 at any time: it is a complete file from the first moment."""
-    assert fit(tmp_path, *small, "train.epochs=1", "--name", "r").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["train.epochs=1"]), "--name", "r").exit_code == 0
     with h5py.File(tmp_path / "r" / "run.h5", "r", locking=False) as f:
         assert f["metrics/epoch"].shape == (1,)
 
@@ -108,7 +108,7 @@ def test_run_file_is_readable_while_training_would_be(tmp_path, small):
 @pytest.mark.parametrize("variant", [["model.method=biprop"], ["model.method=supermask", "train.lr=50", "train.weight_decay=0"],
                                      ["model.k_scope=global"], ["model.arch=lenet", "model.width=0.125"]])
 def test_every_method_and_arch_is_reproduced_by_eval(tmp_path, small, variant):
-    assert fit(tmp_path, *for_arch(small, variant), *variant, "--name", "r").exit_code == 0
+    assert fit(tmp_path, *merged(for_arch(small, variant), variant), "--name", "r").exit_code == 0
     run = store.load(tmp_path / "r")
     assert run.metrics["test_acc"][-1] > 0.3  # learned something (chance: 0.1)
     out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "r"), "--json"]).output)
@@ -166,14 +166,14 @@ def test_help_names_each_extra_as_the_readme_does():
 
 
 def test_export_makes_a_missing_folder_as_fit_makes_its_runs_dir(tmp_path, small):
-    assert fit(tmp_path / "runs", *small, "train.epochs=1", "--name", "r").exit_code == 0
+    assert fit(tmp_path / "runs", *merged(small, ["train.epochs=1"]), "--name", "r").exit_code == 0
     result = runner.invoke(app, ["export", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "out" / "deep" / "r.npz")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "deep" / "r.npz").is_file()
 
 
 def test_inspect_reads_a_ticket_as_eval_does(tmp_path, small):
-    assert fit(tmp_path, *small, "train.epochs=1", "--name", "r").exit_code == 0
+    assert fit(tmp_path, *merged(small, ["train.epochs=1"]), "--name", "r").exit_code == 0
     assert runner.invoke(app, ["export", str(tmp_path / "r"), "--to", str(tmp_path / "r.ticket")]).exit_code == 0
     run = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "r"), "--json"]).stdout)
     result = runner.invoke(app, ["inspect", str(tmp_path / "r.ticket"), "--json"])
@@ -192,3 +192,11 @@ def test_bn_recalibration_beyond_the_training_set_is_refused_once_its_size_is_kn
                                  "train.bn_recalibration=60001", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and "train.bn_recalibration: expected at most the 60,000 training images" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused_and_nothing_is_written(tmp_path):
+    result = fit(tmp_path / "runs", "model.k=0.3", "train.epochs=1", "model.k=0.5")
+    assert result.exit_code == 2 and "model.k: given twice (model.k=0.3, then model.k=0.5): give each key once" in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    shown = runner.invoke(app, ["config", "show", FC, "train.lr=0.1", "train.lr=0.2"])
+    assert shown.exit_code == 2 and "train.lr: given twice" in shown.stderr

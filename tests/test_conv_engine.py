@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import for_arch
+from conftest import for_arch, merged
 from typer.testing import CliRunner
 
 from scoretrain.cli import app
@@ -222,7 +222,7 @@ def test_a_network_built_outside_a_run_computes_with_im2col():
 def test_fit_with_a_missing_engine_refuses_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, small):
     monkeypatch.setattr(conv_engine, "_torch_engine", lambda xp: (None, "PyTorch is not installed"))
     conv = ["model.arch=lenet", "model.width=0.125", "train.conv_engine=torch"]  # a network with convs
-    result = runner.invoke(app, ["fit", str(CONFIGS[0].parent / "mnist_fc.yaml"), *for_arch(small, conv), *conv,
+    result = runner.invoke(app, ["fit", str(CONFIGS[0].parent / "mnist_fc.yaml"), *merged(for_arch(small, conv), conv),
                                  "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
@@ -247,7 +247,7 @@ def test_a_run_records_its_engine_and_a_resume_on_another_says_so(tmp_path, smal
     assert len(notes) == 1 and f"conv_engine {engine.describe()} -> im2col" in notes[0]
     assert store.environments(store.load(run_dir))[1]["conv_engine"] == "im2col"
     # a network without convs runs none of the engine's code, and records im2col
-    assert runner.invoke(app, ["fit", FC, *small, "train.epochs=1", "train.conv_engine=torch", "--runs-dir", str(tmp_path), "--name", "mlp"]).exit_code == 0
+    assert runner.invoke(app, ["fit", FC, *merged(small, ["train.epochs=1", "train.conv_engine=torch"]), "--runs-dir", str(tmp_path), "--name", "mlp"]).exit_code == 0
     assert store.environments(store.load(tmp_path / "mlp"))[0]["conv_engine"] == "im2col"
 
 

@@ -10,6 +10,7 @@ import hashlib
 
 import numpy as np
 import pytest
+from conftest import merged
 from typer.testing import CliRunner
 
 from scoretrain.data import datasets as data
@@ -162,7 +163,7 @@ def test_fit_downloads_a_missing_dataset(cache, server, monkeypatch, tmp_path, s
     mirrors(monkeypatch, server, "good")
     config = tmp_path / "f.yaml"
     config.write_text(f"data: {{name: {NAME}}}\n")
-    args = [a for a in small if not a.startswith("data.")] + ["train.batch_size=10", "train.epochs=1"]
+    args = merged([a for a in small if not a.startswith("data.")], ["train.batch_size=10", "train.epochs=1"])
     result = CliRunner().invoke(app, ["fit", str(config), *args, "--runs-dir", str(tmp_path / "runs"), "--name", "f"])
     assert result.exit_code == 0, result.output
     assert len(server.hits) == 4 and (cache / "train-images-idx3-ubyte.gz").is_file()

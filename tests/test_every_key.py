@@ -13,6 +13,8 @@ import pytest
 
 from rich.console import Console
 
+from conftest import merged
+
 from scoretrain.data import datasets
 from scoretrain.errors import ScoretrainError
 from scoretrain.run import config, lifecycle
@@ -174,7 +176,7 @@ def test_every_key_takes_effect_or_is_refused_on_every_method_and_network(tiny, 
             if text == config.yaml_value(_value(cfg, key)):
                 continue  # the base has this value already
             try:
-                run_dir = train([*overrides_of(tiny, base), f"{key}={text}"], tmp_path / key / base.replace(" ", "-"))
+                run_dir = train(merged(overrides_of(tiny, base), [f"{key}={text}"]), tmp_path / key / base.replace(" ", "-"))
             except ScoretrainError as e:
                 assert "\n" not in str(e) and str(e), (key, base, str(e))  # refused: one line
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import for_arch
+from conftest import for_arch, merged
 from typer.testing import CliRunner
 
 from scoretrain.run import store
@@ -39,7 +39,7 @@ def trained(small, tmp_path_factory):
     def get(name):
         if name not in _built:
             runs = tmp_path_factory.mktemp("export-runs")
-            result = runner.invoke(app, ["fit", FC, *for_arch(small, RUNS[name]), *RUNS[name], "--name", name, "--runs-dir", str(runs), "-q"])
+            result = runner.invoke(app, ["fit", FC, *merged(for_arch(small, RUNS[name]), RUNS[name]), "--name", name, "--runs-dir", str(runs), "-q"])
             assert result.exit_code == 0, result.output
             _built[name] = runs / name
         return _built[name]

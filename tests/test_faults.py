@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FC, TIMEOUT, args_of, assert_identical, for_arch, start, stopped_run, wait_paused
+from conftest import FC, TIMEOUT, args_of, assert_identical, for_arch, merged, start, stopped_run, wait_paused
 from scoretrain.run import store
 from scoretrain.cli import app
 
@@ -126,7 +126,7 @@ def done_run(sweep):
     (["model.arch=lenet", "model.width=8", "train.eval_batch_size=10000", "data.test_samples=null"], ["for their activations", "train.eval_batch_size"]),
 ], ids=["huge mlp", "huge conv width", "huge eval batch"])
 def test_a_network_that_cannot_fit_in_memory_is_refused_before_anything_exists(tmp_path, small, overrides, fragments):
-    result = invoke("fit", FC, *for_arch(small, overrides), *overrides, "--runs-dir", tmp_path / "runs")
+    result = invoke("fit", FC, *merged(for_arch(small, overrides), overrides), "--runs-dir", tmp_path / "runs")
     one_line(result, 2, "model: ", "available", *fragments)
     assert entries(tmp_path / "runs") == []
 
@@ -136,7 +136,7 @@ def test_under_a_memory_limit_a_run_is_refused_fails_in_one_line_or_completes(tm
     spec is refused before anything exists (exit 2); just above the refusal (the check counts
     only what certainly coexists) an allocation in training fails: one line, exit 1, the run
     `failed` with its reason and its start state kept; with enough memory it completes."""
-    args = ["fit", FC, *small, "train.epochs=1", "model.widths=[784,25000,10]", "--runs-dir", tmp_path / "runs", "-q"]
+    args = ["fit", FC, *merged(small, ["train.epochs=1", "model.widths=[784,25000,10]"]), "--runs-dir", tmp_path / "runs", "-q"]
     outcomes = []
     for limit_mb in range(600, 4000, 200):  # refused up to ~900 MiB, fails in training to ~1500, completes above
         limit = limit_mb << 20
@@ -276,7 +276,7 @@ def test_data_fetch_into_a_read_only_root_is_one_line(tmpfs):
     ("model={k: 0.1, k: 0.2}", "override 'model={k: 0.1, k: 0.2}': duplicate key 'k'"),
 ])
 def test_a_value_that_is_not_a_usable_number_is_refused_before_anything_runs(tmp_path, small, override, fragment):
-    one_line(invoke("fit", FC, *small, override, "--runs-dir", tmp_path / "runs"), 2, fragment)
+    one_line(invoke("fit", FC, *merged(small, [override]), "--runs-dir", tmp_path / "runs"), 2, fragment)
     assert entries(tmp_path / "runs") == []
 
 
@@ -413,7 +413,7 @@ def test_resume_without_config_yaml_resumes_from_run_h5_and_restores_it(interrup
 
 def test_fit_piped_into_head_trains_on_to_the_end(tmp_path, small):
     """`scoretrain fit ... | head -2`: the reader goes away after two lines, the run does not."""
-    proc = subprocess.Popen([sys.executable, "-m", "scoretrain", "fit", FC, *small, "train.epochs=3", "--runs-dir", "runs", "--name", "r"],
+    proc = subprocess.Popen([sys.executable, "-m", "scoretrain", "fit", FC, *merged(small, ["train.epochs=3"]), "--runs-dir", "runs", "--name", "r"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = [proc.stdout.readline(), proc.stdout.readline()]
     proc.stdout.close()

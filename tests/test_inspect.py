@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import for_arch
+from conftest import for_arch, merged
 from typer.testing import CliRunner
 
 from scoretrain.cli import app
@@ -29,7 +29,7 @@ def runs(small, tmp_path_factory, tmp_path):
     if "runs" not in _built:
         folder = tmp_path_factory.mktemp("inspect-runs")
         for name, args in RUNS.items():
-            result = runner.invoke(app, ["fit", FC, *for_arch(small, args), *args, "--name", name, "--runs-dir", str(folder), "-q"])
+            result = runner.invoke(app, ["fit", FC, *merged(for_arch(small, args), args), "--name", name, "--runs-dir", str(folder), "-q"])
             assert result.exit_code == 0, result.output
         _built["runs"] = folder
     shutil.copytree(_built["runs"], tmp_path / "runs")

@@ -12,6 +12,8 @@ import h5py
 import numpy as np
 from typer.testing import CliRunner
 
+from conftest import merged
+
 from scoretrain.run import store
 from scoretrain.cli import app
 
@@ -49,7 +51,7 @@ def assert_complete(run_dir: Path, epochs: int, seed: int, pid: int | None = Non
 
 def test_four_fits_into_one_runs_folder_make_four_distinct_complete_runs(tmp_path, small):
     runs = tmp_path / "runs"  # created by the racing processes themselves
-    procs = [start(tmp_path, "fit", FC, *small, "train.epochs=3", f"seed={seed}", "--runs-dir", str(runs), "-q")
+    procs = [start(tmp_path, "fit", FC, *merged(small, ["train.epochs=3"]), f"seed={seed}", "--runs-dir", str(runs), "-q")
              for seed in range(4)]
     results = finish(procs)
     assert [code for code, _, _ in results] == [0, 0, 0, 0], results
@@ -61,7 +63,7 @@ def test_four_fits_into_one_runs_folder_make_four_distinct_complete_runs(tmp_pat
     for seed, proc in enumerate(procs):
         assert_complete(by_seed[seed], 3, seed, proc.pid)
     # a run trained next to three others is the run trained alone
-    alone = runner.invoke(app, ["fit", FC, *small, "train.epochs=3", "seed=2", "--runs-dir", str(tmp_path / "alone"), "--name", "x", "-q"])
+    alone = runner.invoke(app, ["fit", FC, *merged(small, ["train.epochs=3", "seed=2"]), "--runs-dir", str(tmp_path / "alone"), "--name", "x", "-q"])
     assert alone.exit_code == 0, alone.output
     a, b = store.load(by_seed[2]), store.load(tmp_path / "alone" / "x")
     assert all(np.array_equal(x, y) for x, y in zip(a.scores + a.masks, b.scores + b.masks))
@@ -70,7 +72,7 @@ def test_four_fits_into_one_runs_folder_make_four_distinct_complete_runs(tmp_pat
 
 def test_one_name_asked_by_four_processes_gives_one_run_and_three_refusals(tmp_path, small):
     runs = tmp_path / "runs"
-    args = [*small, "train.epochs=2", "--runs-dir", str(runs), "--name", "same", "-q"]
+    args = [*merged(small, ["train.epochs=2"]), "--runs-dir", str(runs), "--name", "same", "-q"]
     procs = [start(tmp_path, "fit", FC, *args, f"seed={seed}") for seed in range(4)]
     results = finish(procs)
     codes = [code for code, _, _ in results]
@@ -91,7 +93,7 @@ def test_one_name_asked_by_four_processes_gives_one_run_and_three_refusals(tmp_p
 
 def test_two_resumes_of_one_run_at_once_train_it_once(tmp_path, small):
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
-    proc = start(tmp_path, "fit", FC, *small, "train.epochs=12", "--runs-dir", str(runs), "--name", "r", "-q")
+    proc = start(tmp_path, "fit", FC, *merged(small, ["train.epochs=12"]), "--runs-dir", str(runs), "--name", "r", "-q")
     deadline = time.monotonic() + TIMEOUT
     while True:  # SIGKILL once an epoch is checkpointed
         try:
@@ -117,7 +119,7 @@ def test_two_resumes_of_one_run_at_once_train_it_once(tmp_path, small):
 
 def test_readers_see_a_whole_run_file_at_every_moment_of_training(tmp_path, small):
     run_dir = tmp_path / "runs" / "r"
-    proc = start(tmp_path, "fit", FC, *small, "train.epochs=10", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "-q")
+    proc = start(tmp_path, "fit", FC, *merged(small, ["train.epochs=10"]), "--runs-dir", str(tmp_path / "runs"), "--name", "r", "-q")
     seen = set()
     deadline = time.monotonic() + TIMEOUT
     while proc.poll() is None:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import EPOCHS, FC, TIMEOUT, VARIANTS, args_of, assert_identical, resume, start, wait_paused
+from conftest import EPOCHS, FC, TIMEOUT, VARIANTS, args_of, assert_identical, merged, resume, start, wait_paused
 from scoretrain.run import store
 from scoretrain.cli import app
 from scoretrain.run.config import ModelConfig
@@ -223,7 +223,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_p
 def test_divergence_fails_the_run_in_one_line_and_keeps_the_last_good_epoch(tmp_path, small, method):
     """lr=1e6 really diverges: dense weights overflow (the loss becomes nan); edge-popup's loss
     stays finite (the mask only picks weights) but its scores overflow to inf/nan."""
-    args = [*small, "train.epochs=3", f"model.method={method}", "train.lr=1e6"]
+    args = [*merged(small, ["train.epochs=3"]), f"model.method={method}", "train.lr=1e6"]
     result = runner.invoke(app, ["fit", FC, *args, "--runs-dir", str(tmp_path), "--name", "d", "-q"])
     assert result.exit_code == 1
     assert result.stdout == ""

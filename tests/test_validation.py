@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FC, assert_identical, stopped_run
+from conftest import FC, assert_identical, merged, stopped_run
 from scoretrain.run import config, store
 from scoretrain.run.resources import load_data, network
 from scoretrain.run.step import evaluate
@@ -51,7 +51,7 @@ def test_the_held_out_images_are_neither_trained_on_nor_standardized_with():
 
 
 def test_fit_measures_the_split_every_epoch_and_compare_selects_by_it(tmp_path, small):
-    args = [*small, "data.val_samples=400", "train.epochs=3"]
+    args = [*merged(small, ["data.val_samples=400", "train.epochs=3"])]
     assert cli("fit", FC, *args, "--runs-dir", tmp_path, "--name", "v", "-q").exit_code == 0
     run, cfg = store.open_run(tmp_path / "v")
     m = run.metrics
@@ -91,7 +91,7 @@ def test_a_run_written_before_the_split_existed_still_reads(tmp_path, small):
     (["data.train_samples=null", "data.val_samples=60000"], "data.val_samples: expected fewer than the 60,000 training images, got 60000"),
 ])
 def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path, small, overrides, fragment):
-    result = cli("fit", FC, *small, *overrides, "--runs-dir", tmp_path / "runs")
+    result = cli("fit", FC, *merged(small, overrides), "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 2 and fragment in result.stderr and len(result.stderr.splitlines()) == 1, result.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 

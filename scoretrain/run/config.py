@@ -441,7 +441,18 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def check_once(overrides: typing.Sequence[str]) -> None:
+    """A ConfigError for a key given twice among the overrides: which one was meant is not clear."""
+    seen = {}
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if "=" in o and key in seen:
+            raise ConfigError(f"{key}: given twice ({seen[key]}, then {o}): give each key once")
+        seen[key] = o
+
+
 def load(path: Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    check_once(overrides)
     raw = read_yaml(path) if path is not None else {}
     for o in overrides:
         apply_override(raw, o)
