@@ -30,6 +30,21 @@ def small():
     return list(SMALL)
 
 
+def arrays_digest(run_dir: Path) -> str:
+    """SHA-256 of everything run.h5 holds as arrays but the timings and the environment: what a
+    run computed, the same for the same run whatever its spec text says."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with h5py.File(Path(run_dir) / "run.h5", "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and "epoch_seconds" not in name and "environment" not in name:
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(obj[()]).tobytes())
+        f.visititems(visit)
+    return h.hexdigest()
+
+
 def merged(*groups) -> list:
     """Overrides of several lists as one, each key once: a later list's value replaces an earlier
     one's in its place (the command line refuses a key given twice)."""

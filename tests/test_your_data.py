@@ -1,7 +1,6 @@
 """Your data and your network: arrays files, any number of classes, networks as layer lists,
 the data's identity in the run, and the Python API on all of them."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import scoretrain
-from conftest import SMALL
+from conftest import SMALL, arrays_digest
 from scoretrain.cli import app
 from scoretrain.data import datasets
 from scoretrain.data.arrays import ArrayFile
@@ -31,18 +30,6 @@ def mnist(n_train: int, n_test: int):
 
 def fit(*args):
     return runner.invoke(app, ["fit", *map(str, args), "-q"])
-
-
-def arrays_digest(run_dir: Path) -> str:
-    """Everything run.h5 holds as arrays but the timings and the environment."""
-    h = hashlib.sha256()
-    with h5py.File(run_dir / "run.h5", "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and "epoch_seconds" not in name and "environment" not in name:
-                h.update(name.encode())
-                h.update(np.ascontiguousarray(obj[()]).tobytes())
-        f.visititems(visit)
-    return h.hexdigest()
 
 
 def write_arrays(path: Path, x_train, y_train, x_test, y_test, **more) -> Path:

@@ -20,6 +20,7 @@ import yaml
 
 from ..nn import methods
 from ..data.datasets import DATASETS as BUILTIN
+from ..data.datasets import Builtin
 from ..data.source import DataInfo
 from ..nn.architectures import ARCHITECTURES, architecture, build, expand
 from ..nn.layers import norm_layers, weight_layers
@@ -292,8 +293,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     check_applies(cfg)
     if d.path is None:
-        spec = BUILTIN[d.name]
-        check_data(cfg, DataInfo(spec.image_shape, spec.classes))
+        check_data(cfg, Builtin(d.name).info())
     return cfg
 
 

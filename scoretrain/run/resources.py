@@ -49,8 +49,7 @@ def data_info(cfg: Config, attrs=None) -> DataInfo:
     if info is not None:
         return info
     if cfg.data.path is None:
-        spec = data.spec_of(cfg.data.name)
-        return DataInfo(spec.image_shape, spec.classes)
+        return data.Builtin(cfg.data.name).info()
     raise RunError(f"data.path {cfg.data.path}: the run records no image shape and classes of its data")
 
 
