@@ -10,10 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from scoretrain.nn import layers
+from scoretrain.run import config as config_mod
 from scoretrain.run import store
 from scoretrain.cli import app
 from scoretrain.run.config import ModelConfig
-from scoretrain.nn.layers import BatchNorm, Conv2d, GlobalAvgPool, ResidualBlock, weight_layers
+from scoretrain.nn.layers import BatchNorm, Conv2d, GlobalAvgPool, MaxPool2d, ResidualBlock, weight_layers
 from scoretrain.nn.model import Network, build_layers, cross_entropy, init_network
 
 from conftest import FC, assert_identical, stopped_run
@@ -278,16 +279,78 @@ def test_the_conv_loops_give_the_array_codes_bits(k, stride, pad, c_in, c_out, m
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("size, shape", [(2, (3, 8, 8, 5)), (2, (2, 7, 9, 3)), (3, (2, 8, 7, 4)), (4, (1, 8, 8, 2))])
+def test_the_maxpool_loops_give_the_array_codes_bits(size, shape, monkeypatch):
+    """Forward and dx, with the cases where the order matters: equal maxima in a window (the
+    gradient to the first), +0.0 against -0.0 (np.maximum keeps the second), NaN, and a last
+    partial row or column that no window covers."""
+    rng = np.random.default_rng(size + sum(shape))
+    x = rng.integers(-2, 3, shape).astype(np.float32)  # few values: many equal maxima
+    x[rng.random(shape) < 0.2] = -0.0
+    x[0, 0, 0, 0] = np.nan
+    d = rng.standard_normal((shape[0], shape[1] // size, shape[2] // size, shape[3])).astype(np.float32)
+    pool, out = MaxPool2d(np, size), []
+    for loops in (True, False):
+        if not loops:
+            monkeypatch.setattr(layers, "fused", lambda *a: None)
+        y, cache = pool.forward(x.copy(), [], True)
+        out.append((y, pool.backward(d.copy(), cache, [], [], True)))
+    for got, want in zip(*out):
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()  # the signs of zeros and the NaNs too
+
+
+@pytest.mark.parametrize("loops", [True, False], ids=["numba", "array-code"])
+def test_a_relu_run_by_the_max_pool_after_it_gives_the_bits_of_the_two(loops, monkeypatch):
+    """ReLU then max pool, as one pass forward and backward (Network), against the two layers one
+    by one (a layer given its own forward is not fused), with BatchNorm before and a 3x3 pool
+    that drops a last row and column."""
+    from scoretrain.nn.layers import ReLU, relu_runner, walk
+
+    spec = "[{conv: 6}, relu, {maxpool: 2}, {conv: 5}, batchnorm, relu, {maxpool: 3}, flatten, linear]"
+    cfg = config_mod.load(None, [f"model.layers={spec}", "model.method=dense"]).model
+    if not loops:
+        monkeypatch.setattr(layers, "fused", lambda *a: None)
+
+    def step(fuse):
+        w, s = init_network(cfg, 0, (12, 12, 2), 10)
+        net = Network(np, cfg, w, s, (12, 12, 2), 10)
+        if not fuse:
+            for l in walk(net.layers):
+                if isinstance(l, ReLU):
+                    l.forward = l.forward  # its own code, given to the object: not fused
+        assert any(relu_runner(net.layers, i) is not None for i in range(len(net.layers))) == fuse
+        rng = np.random.default_rng(3)
+        x, y = rng.standard_normal((8, 12, 12, 2)).astype(np.float32), rng.integers(0, 10, 8)
+        w_eff = net.effective_weights(True)
+        logits, caches = net.forward(x, w_eff)
+        net.backward(caches, w_eff, cross_entropy(np, logits, y)[2])
+        return [logits, *[g.copy() for g in net.grads]]
+
+    for a, b in zip(step(True), step(False), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("data", ["normal", "exact zeros"])
+@pytest.mark.parametrize("fusion", ["alone", "relu", "sum+relu"])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("shape", [(16, 28, 28, 8), (3, 5, 5, 1), (7, 4, 4, 3), (32, 7, 7, 32)])
-def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, monkeypatch):
-    """Forward, dx, the running statistics and dgamma, dbeta: the loops' float64 sums run in row
-    order, as the array code's sum over axis 0 does."""
+@pytest.mark.parametrize("shape", [(16, 28, 28, 8), (3, 5, 5, 1), (7, 4, 4, 3), (32, 7, 7, 32), (5, 3, 3, 96)])
+def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, fusion, data, monkeypatch):
+    """Forward, dx, the running statistics and dgamma, dbeta, alone and with the ReLU after it
+    (forward and backward) or a residual block's sum and ReLU (forward): the loops' float64 sums
+    run in row order, as the array code's sum over axis 0 does; the elementwise passes run over
+    spans of whole rows (channel counts that divide 64 and not, a last partial span). Normalized
+    values exactly 0, where the ReLU passes no gradient, come from integers with an exact mean."""
     rng = np.random.default_rng(sum(shape))
     c = shape[-1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    if data == "exact zeros":  # integers, each channel's mean exactly 1: many normalized values exactly 0
+        rows, half = x.reshape(-1, c), len(x.reshape(-1, c)) // 2
+        rows[:half] = rng.integers(-3, 6, (half, c))
+        rows[half : 2 * half], rows[2 * half :] = 2 - rows[:half], 1
     d = rng.standard_normal(shape).astype(np.float32)
+    add = rng.standard_normal(shape).astype(np.float32) if fusion == "sum+relu" else None
     states = []
     for loops in (True, False):
         bn = BatchNorm(np, c, affine=affine)
@@ -297,13 +360,13 @@ def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, mon
             bn.gamma, bn.beta, bn.dgamma, bn.dbeta = flat[:c], flat[c:], grad[:c], grad[c:]
         if not loops:
             monkeypatch.setattr(layers, "fused", lambda *a: None)
-        y, cache = bn.forward(x.copy(), [], train)
+        y, cache = bn.forward(x.copy(), [], train, relu=fusion != "alone", add=add)
         dx = bn.backward(d.copy(), cache, [], [], True)
         states.append([y, dx, bn.mean.copy(), bn.var.copy()] + ([grad.copy()] if affine else []))
     monkeypatch.undo()
     for got, want in zip(*states):
         assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
+        assert got.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("train", [True, False])

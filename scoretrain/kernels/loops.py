@@ -231,6 +231,81 @@ def relu_backward(d, y, out):
 
 
 @numba.njit(inline="always")
+def _relu(y):
+    """np.maximum(y, 0)'s value (NumPy's bits: -0.0 gives +0.0, NaN stays NaN)."""
+    return y if y > 0 or y != y else np.float32(0)
+
+
+@numba.njit(inline="always")
+def _maximum(a, b):
+    """np.maximum(a, b)'s value: NaN where either is NaN, and b where a == b (so +0.0 or -0.0 as b)."""
+    return a if a > b or a != a else b
+
+
+@jit
+def maxpool(x, size, relu, out):
+    """out[b, i, j] = the maximum of x's size x size window at (size * i, size * j): MaxPool2d's
+    np.maximum over the window's corners in row-major order, pairwise at size 2 ((c0, c1) and
+    (c2, c3), then the two), one after another at other sizes. With relu (True; None: not) of
+    np.maximum(x, 0), the ReLU before the pool. The same bits, in one pass. Flat unsigned indices
+    (as im2col), a channel run at a time."""
+    n, h, w, c = x.shape
+    ho, wo = out.shape[1], out.shape[2]
+    xf, yf, cu = x.reshape(-1), out.reshape(-1), np.uint64(c)
+    row, col = np.uint64(w * c), cu  # x's strides (elements) along h and w
+    o = np.uint64(0)
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                at = np.uint64(((b * h + size * i) * w + size * j) * c)  # the window's first corner
+                if size == 2:
+                    for ch in range(cu):
+                        c0, c1, c2, c3 = xf[at + ch], xf[at + col + ch], xf[at + row + ch], xf[at + row + col + ch]
+                        if relu is not None:
+                            c0, c1, c2, c3 = _relu(c0), _relu(c1), _relu(c2), _relu(c3)
+                        yf[o + ch] = _maximum(_maximum(c0, c1), _maximum(c2, c3))
+                else:
+                    for a in range(size):
+                        for e in range(size):
+                            corner = at + np.uint64(a) * row + np.uint64(e) * col
+                            for ch in range(cu):
+                                v = xf[corner + ch] if relu is None else _relu(xf[corner + ch])
+                                yf[o + ch] = v if a == 0 and e == 0 else _maximum(yf[o + ch], v)
+                o += cu
+
+
+@jit
+def maxpool_backward(d, x, y, size, relu, dx):
+    """dx[window] = d where x first equals its maximum y (row-major), d * 0.0 elsewhere in the
+    window: MaxPool2d.backward's d * hit over the corners, in one pass; with relu (True; None:
+    not), x is the ReLU's input, its output np.maximum(x, 0) is what the pool saw, and each dx is
+    then times (x > 0), the ReLU's backward. What no window covers (a last partial row or column)
+    is left as dx has it (zeros). A hit is 1.0 or 0.0, and `left` 1.0 until a window's first: no
+    branches in the loop over the channels."""
+    n, h, w, c = x.shape
+    ho, wo = d.shape[1], d.shape[2]
+    xf, yf, df, dxf, cu = x.reshape(-1), y.reshape(-1), d.reshape(-1), dx.reshape(-1), np.uint64(c)
+    row, col = np.uint64(w * c), cu
+    left = np.empty(c, np.float32)
+    o = np.uint64(0)
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                at = np.uint64(((b * h + size * i) * w + size * j) * c)
+                left[:] = 1
+                for a in range(size):
+                    for e in range(size):
+                        corner = at + np.uint64(a) * row + np.uint64(e) * col
+                        for ch in range(cu):
+                            v = xf[corner + ch] if relu is None else _relu(xf[corner + ch])
+                            hit = np.float32(v == yf[o + ch]) * left[ch]
+                            left[ch] -= hit
+                            g = df[o + ch] * hit
+                            dxf[corner + ch] = g if relu is None else g * np.float32(v > 0)
+                o += cu
+
+
+@numba.njit(inline="always")
 def _tap(b, ty, tx, i, j, stride, pad, h, w, c):
     """The flat offset in [n, h, w, c] images of the pixel that tap (i, j) of output (b, ty, tx)
     reads, -1 where that is the padding."""
@@ -288,9 +363,29 @@ def col2im(dcols, stride, pad, dx):
                         o += cu
 
 
-# BatchNorm's passes over [m, c] (flat, channels last) a row at a time. Indices are unsigned (as
-# in score_step) and the sums are local arrays, written back at the end: both let the loops over a
-# row's channels vectorize.
+# BatchNorm's passes over [m, c] (flat, channels last). The sums run a row at a time, each
+# channel's in row order (a float64 chain per channel, the array code's order); indices are
+# unsigned (as in score_step) and the sums local arrays, written back at the end: both let the
+# loops over a row's channels vectorize. The elementwise passes run over spans of whole rows of
+# at least LANES values, the per-channel values repeated across the span (`_spread`): a row of
+# 8 or 16 channels is too short a loop to vectorize, a span of 64 values is not.
+
+LANES = 64
+
+
+@jit
+def _spread(a, span):
+    """a (per channel) repeated across `span` values, a whole number of rows."""
+    out = np.empty(span, a.dtype)
+    for j in range(span):
+        out[j] = a[j % a.size]
+    return out
+
+
+@numba.njit(inline="always")
+def _span(c):
+    """The whole rows of c channels that hold at least LANES values."""
+    return c * max(1, -(-LANES // c))
 
 
 @jit
@@ -310,27 +405,26 @@ def channel_sums(x, c, mean, sums):
     sums[0, :] = acc
 
 
-@numba.njit(inline="always")
-def _relu(y):
-    """np.maximum(y, 0)'s value (NumPy's bits: -0.0 gives +0.0, NaN stays NaN)."""
-    return y if y > 0 or y != y else np.float32(0)
-
-
 @jit
-def normalize(x, c, mean, inv, gamma, beta, relu, out):
-    """out = (x - mean) * inv, then with gamma and beta * gamma + beta, then with relu (True; None:
-    not) np.maximum(out, 0): BatchNorm.forward's float32 operations, per channel, and the ReLU
-    after it in the same pass."""
-    cu = np.uint64(c)
-    for i in range(0, x.size, c):
-        row = np.uint64(i)
-        for ch in range(cu):
-            y = (x[row + ch] - mean[ch]) * inv[ch]
+def normalize(x, c, mean, inv, gamma, beta, add, relu, out):
+    """out = (x - mean) * inv, then with gamma and beta * gamma + beta, then with add (an array)
+    + add, then with relu (True; None: not) np.maximum(out, 0): BatchNorm.forward's float32
+    operations, per channel, and a residual block's sum and the ReLU after it in the same pass."""
+    span = _span(c)
+    m, v = _spread(mean, span), _spread(inv, span)
+    if gamma is not None:
+        g, b = _spread(gamma, span), _spread(beta, span)
+    for start in range(0, x.size, span):
+        at = np.uint64(start)
+        for j in range(np.uint64(min(span, x.size - start))):
+            y = (x[at + j] - m[j]) * v[j]
             if gamma is not None:
-                y = y * gamma[ch] + beta[ch]
+                y = y * g[j] + b[j]
+            if add is not None:
+                y = y + add[at + j]
             if relu is not None:
                 y = _relu(y)
-            out[row + ch] = y
+            out[at + j] = y
 
 
 @jit
@@ -340,17 +434,27 @@ def add_relu(a, b, out):
         out[i] = _relu(a[i] + b[i])
 
 
+@numba.njit(inline="always")
+def _through_relu(d, y):
+    """The ReLU's backward, d * (its output > 0), from y, the ReLU's input (the same sign)."""
+    return d * np.float32(y > 0)
+
+
 @jit
-def normalize_backward_sums(d, x, c, mean, inv, gamma, sums):
+def normalize_backward_sums(d, x, c, mean, inv, gamma, beta, relu, sums):
     """BatchNorm.backward's sums in one pass, in row order as channel_sums: sums[0] = sum d * gamma,
     sums[1] = sum d * gamma * xhat with xhat = (x - mean) * inv (gamma None: 1), and with gamma the
-    affine gradients' sums, sums[2] = sum d * xhat (dgamma), sums[3] = sum d (dbeta)."""
+    affine gradients' sums, sums[2] = sum d * xhat (dgamma), sums[3] = sum d (dbeta). With relu
+    (True; None: not), d is the gradient of the ReLU after the BatchNorm, taken through it first
+    (ReLU.backward's d * (y > 0), y the forward's output, computed again)."""
     acc, cu = np.zeros((4, c)), np.uint64(c)
     for i in range(0, x.size, c):
         row = np.uint64(i)
         for ch in range(cu):
             g = d[row + ch]
             xhat = (x[row + ch] - mean[ch]) * inv[ch]
+            if relu is not None:
+                g = _through_relu(g, xhat if gamma is None else xhat * gamma[ch] + beta[ch])
             if gamma is not None:
                 acc[2, ch] += np.float64(g * xhat)
                 acc[3, ch] += np.float64(g)
@@ -361,18 +465,24 @@ def normalize_backward_sums(d, x, c, mean, inv, gamma, sums):
 
 
 @jit
-def normalize_backward(d, x, c, mean, inv, gamma, a, b, out):
+def normalize_backward(d, x, c, mean, inv, gamma, beta, relu, a, b, out):
     """out = (d * gamma - a - xhat * b) * inv, xhat = (x - mean) * inv (gamma None: 1): the
-    batch-statistics gradient of BatchNorm, with a and b its per-channel sums over n."""
-    cu = np.uint64(c)
-    for i in range(0, x.size, c):
-        row = np.uint64(i)
-        for ch in range(cu):
-            g = d[row + ch]
+    batch-statistics gradient of BatchNorm, with a and b its per-channel sums over n; with relu,
+    d taken through the ReLU after it first, as normalize_backward_sums."""
+    span = _span(c)
+    m, v, sa, sb = _spread(mean, span), _spread(inv, span), _spread(a, span), _spread(b, span)
+    if gamma is not None:
+        sg, sbeta = _spread(gamma, span), _spread(beta, span)
+    for start in range(0, x.size, span):
+        at = np.uint64(start)
+        for j in range(np.uint64(min(span, x.size - start))):
+            g = d[at + j]
+            xhat = (x[at + j] - m[j]) * v[j]
+            if relu is not None:
+                g = _through_relu(g, xhat if gamma is None else xhat * sg[j] + sbeta[j])
             if gamma is not None:
-                g = g * gamma[ch]
-            xhat = (x[row + ch] - mean[ch]) * inv[ch]
-            out[row + ch] = (g - a[ch] - xhat * b[ch]) * inv[ch]
+                g = g * sg[j]
+            out[at + j] = (g - sa[j] - xhat * sb[j]) * v[j]
 
 
 def update(rule, p, g, state, scalars):

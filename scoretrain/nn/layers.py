@@ -180,10 +180,12 @@ class BatchNorm:
     def describe(self) -> dict:
         return {"type": "batchnorm", "affine": self.affine, "eps": self.eps, "state": f"batchnorm_{self.number:02d}"}
 
-    def forward(self, x, w_eff, train, relu: bool = False):
-        """`relu`: with the ReLU that follows (np.maximum(y, 0)) in the same pass (ResidualBlock)."""
+    def forward(self, x, w_eff, train, relu: bool = False, add=None):
+        """`relu`: with the ReLU that follows (np.maximum(y, 0)) in the same pass, and in the
+        backward pass its gradient too. `add`: with a residual block's sum (y + add) before that
+        ReLU, whose gradient the block takes itself (it needs the sum's output)."""
         xp, c = self.xp, self.c
-        loops = fused(xp, x) if xp is np else None  # numba: the same float32 and float64 operations, in 3 passes
+        loops = fused(xp, x, *([] if add is None else [add])) if xp is np else None  # numba: the same float32 and float64 operations
         if train:
             mean, var = self.batch_statistics(x, loops)
             n, m = x.size // c, self.momentum
@@ -194,18 +196,25 @@ class BatchNorm:
         else:
             mean, var = self.mean.astype(x.dtype), self.var.astype(x.dtype)
         inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))
-        gamma, beta = (self.gamma.astype(x.dtype), self.beta.astype(x.dtype)) if self.affine else (None, None)
+        gamma, beta = self._affine(x.dtype)
         if loops:
             y = xp.empty_like(x)
-            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, True if relu else None, y.reshape(-1))
+            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, None if add is None else add.reshape(-1),
+                            True if relu else None, y.reshape(-1))
         else:
             y = (x - mean) * inv
             if self.affine:
                 y *= gamma
                 y += beta
+            if add is not None:
+                y += add
             if relu:
                 xp.maximum(y, 0, out=y)
-        return y, (x, mean, inv, train)
+        return y, (x, mean, inv, train, relu and add is None)
+
+    def _affine(self, dtype):
+        """gamma and beta in the data's dtype, (None, None) without `affine`."""
+        return (self.gamma.astype(dtype), self.beta.astype(dtype)) if self.affine else (None, None)
 
     def batch_statistics(self, x, loops=None):
         """The batch's mean and biased variance per channel, in x's dtype. Each is a sum of
@@ -228,13 +237,16 @@ class BatchNorm:
         return mean, (centered.sum(axis=0, dtype=np.float64) / n).astype(x.dtype)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
-        x, mean, inv, train = cache  # its input, not its output: a ReLU after it works in place on that
+        x, mean, inv, train, relu = cache  # x: its input (a ReLU after it works in place on its output)
         c, n = self.c, d.size // self.c
         loops = fused(self.xp, d, x) if self.xp is np and train else None
         if loops:  # numba: the four sums in one pass, then dx in one more; the array code's bits
-            return self._backward_fused(loops, d, x, mean, inv, n)
-        rows = d.reshape(-1, c)
-        xhat = ((x - mean) * inv).reshape(-1, c)
+            return self._backward_fused(loops, d, x, mean, inv, n, relu)
+        xhat = (x - mean) * inv
+        if relu:  # the ReLU's backward (d * (y > 0)), y its input as the forward computed it
+            gamma, beta = self._affine(d.dtype)
+            d = d * ((xhat * gamma + beta if self.affine else xhat) > 0)
+        rows, xhat = d.reshape(-1, c), xhat.reshape(-1, c)
         channel_sum = lambda a: a.sum(axis=0, dtype=np.float64).astype(d.dtype)  # noqa: E731 - as batch_statistics
         if self.affine:
             self.dgamma[...] = channel_sum(rows * xhat)
@@ -244,15 +256,16 @@ class BatchNorm:
             return (rows * inv).reshape(d.shape)
         return ((rows - channel_sum(rows) / n - xhat * (channel_sum(rows * xhat) / n)) * inv).reshape(d.shape)
 
-    def _backward_fused(self, loops, d, x, mean, inv, n):
-        gamma = self.gamma.astype(d.dtype) if self.affine else None
+    def _backward_fused(self, loops, d, x, mean, inv, n, relu):
+        gamma, beta = self._affine(d.dtype)
+        relu = True if relu else None
         sums = np.zeros((4, self.c))
-        loops.normalize_backward_sums(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, sums)
+        loops.normalize_backward_sums(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, beta, relu, sums)
         if self.affine:
             self.dgamma[...], self.dbeta[...] = sums[2].astype(d.dtype), sums[3].astype(d.dtype)
         a, b = sums[0].astype(d.dtype) / n, sums[1].astype(d.dtype) / n
         dx = np.empty_like(d)
-        loops.normalize_backward(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, a, b, dx.reshape(-1))
+        loops.normalize_backward(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, beta, relu, a, b, dx.reshape(-1))
         return dx
 
 
@@ -295,7 +308,17 @@ class MaxPool2d:
         hs, ws = x.shape[1] // s, x.shape[2] // s
         return [x[:, a : s * hs : s, b : s * ws : s] for a in range(s) for b in range(s)]
 
-    def forward(self, x, w_eff, train):
+    def forward(self, x, w_eff, train, relu: bool = False):
+        """`relu`: with the ReLU before it (np.maximum(x, 0)) in the same pass, and in the backward
+        pass its gradient too (Network)."""
+        loops = fused(self.xp, x) if self.xp is np else None
+        if loops:  # numba: the same maxima in one pass
+            n, h, w, ch = x.shape
+            y = np.empty((n, h // self.size, w // self.size, ch), x.dtype)
+            loops.maxpool(x, self.size, True if relu else None, y)
+            return y, (x, y, relu)
+        if relu:
+            x = self.xp.maximum(x, 0, out=x)  # as ReLU.forward
         c = self._corners(x)
         if len(c) == 4:
             y = self.xp.maximum(self.xp.maximum(c[0], c[1]), self.xp.maximum(c[2], c[3]))
@@ -303,11 +326,17 @@ class MaxPool2d:
             y = c[0]
             for corner in c[1:]:
                 y = self.xp.maximum(y, corner)
-        return y, (x, y)
+        return y, (x, y, relu)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         xp = self.xp
-        x, y = cache
+        x, y, relu = cache  # with relu, on the numba path x is the ReLU's input, else its output
+        loops = fused(xp, d, x, y) if xp is np else None
+        if loops:  # numba: the same gradients in one pass
+            covered = x.shape[1] == self.size * y.shape[1] and x.shape[2] == self.size * y.shape[2]
+            dx = np.empty(x.shape, d.dtype) if covered else np.zeros(x.shape, d.dtype)
+            loops.maxpool_backward(d, x, y, self.size, True if relu else None, dx)
+            return dx
         dx = xp.zeros(x.shape, dtype=d.dtype)
         taken = xp.zeros(y.shape, dtype=bool)
         for corner, dcorner in zip(self._corners(x), self._corners(dx)):
@@ -315,7 +344,7 @@ class MaxPool2d:
             hit &= ~taken
             taken |= hit
             dcorner[...] = d * hit
-        return dx
+        return dx * (x > 0) if relu else dx  # as ReLU.backward
 
 
 class AvgPool2d(MaxPool2d):
@@ -384,44 +413,68 @@ class ResidualBlock:
 
     def forward(self, x, w_eff, train):
         # Fused, with the bits of the layers one by one: a BatchNorm and the ReLU after it in one
-        # pass (the ReLU's cache is its output, as its own forward keeps), the sum and its ReLU
-        # in another, written over the main path's output (no layer keeps that array).
-        y, s = x, x
-        main, short = [], []
-        for i, layer in enumerate(self.main):
-            if i and self._fuses(self.main[i - 1], layer):
-                main.append(y)  # done by the BatchNorm
-                continue
-            relu = i + 1 < len(self.main) and self._fuses(layer, self.main[i + 1])
-            y, c = layer.forward(y, w_eff, train, relu=True) if relu else layer.forward(y, w_eff, train)
-            main.append(c)
-        for layer in self.shortcut:
-            s, c = layer.forward(s, w_eff, train)
-            short.append(c)
-        loops = fused(self.xp, y, s) if self.xp is np else None
-        if not own_code(self.relu):
-            y, _ = self.relu.forward(y + s, w_eff, train)
-        elif loops:
-            loops.add_relu(y.reshape(-1), s.reshape(-1), y.reshape(-1))
+        # pass (forward_all), and the last BatchNorm, the sum and its ReLU in another.
+        s, short = forward_all(self.shortcut, x, w_eff, train)
+        last = self.main[-1]
+        if isinstance(last, BatchNorm) and own_code(last) and own_code(self.relu):
+            y, main = forward_all(self.main[:-1], x, w_eff, train)
+            y, c = last.forward(y, w_eff, train, relu=True, add=s)
+            return y, (main + [c], short, y)
+        y, main = forward_all(self.main, x, w_eff, train)
+        if own_code(self.relu):  # (a main path without BatchNorm)
+            loops = fused(self.xp, y, s) if self.xp is np else None
+            if loops:
+                loops.add_relu(y.reshape(-1), s.reshape(-1), y.reshape(-1))  # over the main path's output: no layer keeps it
+            else:
+                self.xp.add(y, s, out=y)
+                self.xp.maximum(y, 0, out=y)
         else:
-            self.xp.add(y, s, out=y)
-            self.xp.maximum(y, 0, out=y)
+            y, _ = self.relu.forward(y + s, w_eff, train)
         return y, (main, short, y)
-
-    @staticmethod
-    def _fuses(layer, after) -> bool:
-        """A BatchNorm and the ReLU after it run as one pass (where both run their own code)."""
-        return isinstance(layer, BatchNorm) and isinstance(after, ReLU) and own_code(layer) and own_code(after)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
         main, short, out = cache
         d = self.relu.backward(d, out, w_eff, grads, need_dx)
-        dm, ds = d, d
-        for layer, c in zip(reversed(self.main), reversed(main)):
-            dm = layer.backward(dm, c, w_eff, grads, True)
-        for layer, c in zip(reversed(self.shortcut), reversed(short)):
-            ds = layer.backward(ds, c, w_eff, grads, True)
+        dm = backward_all(self.main, main, d, w_eff, grads)
+        ds = backward_all(self.shortcut, short, d, w_eff, grads)
         return self.xp.add(dm, ds, out=dm)  # into the first conv's own dx: dm + ds, without a new array
+
+
+def relu_runner(layers: list, i: int) -> int | None:
+    """Where layers[i], a ReLU, runs inside a neighbour's pass, forward and backward, with the
+    bits of the two one by one: the index of the BatchNorm before it, or else of the max pool
+    after it (their `relu`); None where it runs itself. Only layers running their own code
+    (own_code) are fused."""
+    if not isinstance(layers[i], ReLU) or not own_code(layers[i]):
+        return None
+    if i and isinstance(layers[i - 1], BatchNorm) and own_code(layers[i - 1]):
+        return i - 1
+    if i + 1 < len(layers) and type(layers[i + 1]) is MaxPool2d and own_code(layers[i + 1]):
+        return i + 1
+    return None
+
+
+def forward_all(layers: list, x, w_eff, train):
+    """The forward pass of a sequence of layers, a ReLU run by its neighbour where relu_runner
+    says so (its cache None): the output and each layer's cache."""
+    caches, last = [], len(layers) - 1
+    for i, layer in enumerate(layers):
+        if relu_runner(layers, i) is not None:
+            caches.append(None)
+            continue
+        runs_relu = (i < last and relu_runner(layers, i + 1) == i) or (i > 0 and relu_runner(layers, i - 1) == i)
+        x, cache = layer.forward(x, w_eff, train, relu=True) if runs_relu else layer.forward(x, w_eff, train)
+        caches.append(cache)
+    return x, caches
+
+
+def backward_all(layers: list, caches: list, d, w_eff, grads, first: int = 0, first_dx: bool = True):
+    """The backward pass of forward_all's layers from `first` on (dx of layers[first] only with
+    `first_dx`): the input's gradient."""
+    for i in reversed(range(first, len(layers))):
+        if relu_runner(layers, i) is None:  # (else its neighbour took the gradient through it)
+            d = layers[i].backward(d, caches[i], w_eff, grads, need_dx=first_dx or i > first)
+    return d
 
 
 def own_code(layer) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernels.backend import fused
 from .architectures import ARCHITECTURES, build_layers  # noqa: F401 - the registry, re-exported
-from .layers import norm_layers, weight_layers
+from .layers import backward_all, forward_all, norm_layers, weight_layers
 from .methods import METHODS
 
 if TYPE_CHECKING:  # annotations only: nn/ does not depend on run/
@@ -223,11 +223,7 @@ class Network:
     def forward(self, x, w_eff: list, train: bool = True):
         """Logits, and what each layer keeps for the backward pass. `train`: the training pass
         (BatchNorm normalizes by the batch and moves its running statistics), else measuring."""
-        caches = []
-        for layer in self.layers:
-            x, cache = layer.forward(x, w_eff, train)
-            caches.append(cache)
-        return x, caches
+        return forward_all(self.layers, x, w_eff, train)
 
     def logits(self, x, w_eff: list, train: bool = False):
         """The forward pass of a measurement (or of BatchNorm's recalibration, `train`): the
@@ -239,9 +235,7 @@ class Network:
 
     def backward(self, caches: list, w_eff: list, dlogits) -> None:
         """dL/dW_eff, from dL/dlogits, into self.grads (views of self.g_flat)."""
-        d = dlogits
-        for i in reversed(range(self.first, len(self.layers))):
-            d = self.layers[i].backward(d, caches[i], w_eff, self.grads, need_dx=i > self.first)
+        backward_all(self.layers, caches, dlogits, w_eff, self.grads, first=self.first, first_dx=False)
 
     def update(self, opt, lr: float) -> None:
         """The optimizer's step on `params`, from backward's dL/dW_eff, as the method makes it (on
