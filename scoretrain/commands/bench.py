@@ -27,7 +27,7 @@ from ..kernels import conv_engine
 from ..kernels.backend import Backend
 from ..run.config import Config, ModelConfig, TrainConfig
 from ..errors import ConfigError
-from ..nn.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, walk
+from ..nn.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d, ReLU, ResidualBlock, walk, weight_layers
 from ..nn.model import Network, cross_entropy, init_network
 from ..run.step import stepper
 from ..run.train import enter_epoch
@@ -238,7 +238,8 @@ def _measure_net(backend: Backend, x, y, net_name: str, cfg: Config, steps: int,
     return {"net": net_name, "arch": cfg.model.arch, "width": cfg.model.width, "method": cfg.model.method, "batch_size": batch,
             "lr": lr, "steps": steps, "rounds": rounds, "seconds_per_step": per_step, "seconds_per_step_rounds": times,
             "seconds_per_epoch": per_step * math.ceil(TRAIN_SAMPLES / batch), "samples_per_second": batch / per_step,
-            "split": layer_split(backend, net, opt, x, y, batches[:split_steps], lr), "cuda_graph": step.replaying}
+            "split": layer_split(backend, net, opt, x, y, batches[:split_steps], lr), "cuda_graph": step.replaying,
+            **convs_alone(backend, net, x[batches[0]], rounds)}
 
 
 def layer_split(backend: Backend, net, opt, x, y, batches, lr) -> dict:
@@ -283,6 +284,36 @@ def layer_split(backend: Backend, net, opt, x, y, batches, lr) -> dict:
     return {k: v / len(batches) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
+def convs_alone(backend: Backend, net, xb, rounds: int) -> dict:
+    """Seconds per step of the conv engine's own work (convs_alone): every conv of the net
+    (convs_timed), forward and both gradients (the input's where the step takes it), each run by
+    itself on arrays of the shapes it has in the step (the best of `rounds`). The step less this
+    is what the rest of it costs."""
+    w_eff, seen = net.effective_weights(), []
+    convs = [l for l in walk(net.layers) if isinstance(l, Conv2d)]
+    for conv in convs:  # one forward pass, to see each conv's input
+        conv.forward = lambda x, w, train, conv=conv: (seen.append((conv, x.copy())), type(conv).forward(conv, x, w, train))[1]
+    try:
+        net.forward(xb, w_eff)
+    finally:
+        for conv in convs:
+            del conv.forward
+    first = weight_layers([net.layers[net.first]])[0]  # the step takes no input gradient there
+    engine, best = conv_engine.current(), float("inf")
+    for _ in range(rounds):
+        backend.sync()
+        spent = 0.0
+        for conv, x in seen:
+            w = w_eff[conv.index]
+            t0 = time.perf_counter()
+            y, kept = engine.forward(conv, x, w)
+            engine.backward(conv, backend.xp.ones_like(y), kept, w, backend.xp.empty_like(w), conv is not first)
+            backend.sync()
+            spent += time.perf_counter() - t0
+        best = min(best, spent)
+    return {"convs_alone": best, "convs_timed": len(seen)}
+
+
 def run_net(backend: Backend, x, y, net_name: str, quick: bool, console) -> dict:
     """The --net case: a line of figures, then its split as a table."""
     from rich.table import Table
@@ -293,7 +324,11 @@ def run_net(backend: Backend, x, y, net_name: str, quick: bool, console) -> dict
                   f"x{r['width']:g}, batch {r['batch_size']}, lr {r['lr']:g}): {r['seconds_per_step']:.4f} s/step (best of {rounds} "
                   f"rounds of {steps}), {r['seconds_per_epoch']:.1f} s/epoch, {r['samples_per_second']:,.0f} samples/s"
                   f"{'  (CUDA graph)' if r['cuda_graph'] else ''}; conv engine {r['conv_engine']}", soft_wrap=True, markup=False)
-    t = Table(title="where a step goes (a pass that syncs after each layer)", title_justify="left")
+    console.print(f"the conv engine's own work (each conv by itself, forward and gradients, on its shapes in the step): "
+                  f"{1000 * r['convs_alone']:.1f} ms a step; the rest of the step: {1000 * (r['seconds_per_step'] - r['convs_alone']):.1f} ms",
+                  soft_wrap=True, markup=False)
+    t = Table(title="where a step goes (a pass that syncs after each layer; a ReLU run inside a BatchNorm or a pool counts there)",
+              title_justify="left")
     for col in ("phase", "ms / step", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     total = sum(r["split"].values())
