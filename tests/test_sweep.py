@@ -154,6 +154,18 @@ def test_the_pool_trains_each_run_as_fit_would(uninterrupted, tmp_path):
     assert POOL_ENV["OPENBLAS_NUM_THREADS"] == POOL_ENV["OMP_NUM_THREADS"] == str(THREADS)
 
 
+def test_a_workers_blas_threads_follow_from_jobs_not_from_the_runs_left(tmp_path, monkeypatch):
+    """One run left with --jobs 2 (a resumed sweep's last run, say) trains with the threads every
+    run of that sweep had: the bits depend on them. (The workers here print their threads.)"""
+    show = "import os; print(os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS'])"
+    monkeypatch.setattr(sweep_mod, "worker_command", lambda sweep_dir, name, retry: [sys.executable, "-c", show])
+    for names in (["a", "b"], ["c"]):
+        codes = sweep_mod.run_local(tmp_path, names, 2, None, lambda *a: None)
+        assert codes == dict.fromkeys(names, 0)
+    for name in "abc":
+        assert (tmp_path / sweep_mod.LOGS / f"{name}.log").read_text().split() == [str(THREADS)] * 2
+
+
 def test_a_gpu_pool_gives_each_worker_one_device_and_its_share_of_the_cores():
     env = sweep_mod.worker_env(3, "1")
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == "3"

@@ -560,15 +560,17 @@ def _stop_with_parent() -> None:
 def run_local(sweep_dir: Path, names: list[str], jobs: int, gpus: list[str] | None, on_event,
               retry_failed: bool = False) -> dict[str, int]:
     """Train `names` with `jobs` worker processes at a time (one per GPU with `gpus`; never more
-    than there are runs), each with cores/jobs BLAS threads, so that the runs do not fight over
-    the cores. on_event(name, what,
+    than there are runs), each with cores/jobs BLAS threads (cores/GPUs with `gpus`), so that the
+    runs do not fight over the cores. The threads follow from the command alone, not from how
+    many runs are left: the sum order, and so the bits, depend on them, and the same command
+    resumes a sweep to the bits of an uninterrupted one. on_event(name, what,
     code) is told of each start ("start") and end ("end", the exit code); it is also called with
     ("", "tick", None) about twice a second, for a live display. The workers' output goes to
     .logs/NAME.log. Returns each run's exit code."""
     sweep_dir = Path(sweep_dir)
     (sweep_dir / LOGS).mkdir(exist_ok=True)
     slots = list(gpus) if gpus else [None] * min(jobs, len(names))
-    threads = max(1, cores() // len(slots))
+    threads = max(1, cores() // (len(gpus) if gpus else jobs))
     pending, running, codes = list(names), {}, {}
     try:
         while pending or running:
