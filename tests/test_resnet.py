@@ -331,26 +331,31 @@ def test_a_relu_run_by_the_max_pool_after_it_gives_the_bits_of_the_two(loops, mo
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("data", ["normal", "exact zeros"])
-@pytest.mark.parametrize("fusion", ["alone", "relu", "sum+relu"])
+@pytest.mark.parametrize("sums", ["rows", "spans"])
+@pytest.mark.parametrize("fusion", ["alone", "relu", "relu, exact zeros", "sum+relu"])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("shape", [(16, 28, 28, 8), (3, 5, 5, 1), (7, 4, 4, 3), (32, 7, 7, 32), (5, 3, 3, 96)])
-def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, fusion, data, monkeypatch):
+def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, fusion, sums, monkeypatch):
     """Forward, dx, the running statistics and dgamma, dbeta, alone and with the ReLU after it
-    (forward and backward) or a residual block's sum and ReLU (forward): the loops' float64 sums
-    run in row order, as the array code's sum over axis 0 does; the elementwise passes run over
-    spans of whole rows (channel counts that divide 64 and not, a last partial span). Normalized
-    values exactly 0, where the ReLU passes no gradient, come from integers with an exact mean."""
+    (forward and backward) or a residual block's sum and ReLU (forward), with the sums in row
+    order (im2col's) or over spans of 64 values (the torch engine's): the loops' float64 sums run
+    in the array code's order; the elementwise passes run over spans of whole rows (channel
+    counts that divide 64 and not, a last partial span). Normalized values exactly 0, where the
+    ReLU passes no gradient, come from integers with an exact mean."""
+    from scoretrain.nn.layers import wide_span
+
     rng = np.random.default_rng(sum(shape))
     c = shape[-1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
-    if data == "exact zeros":  # integers, each channel's mean exactly 1: many normalized values exactly 0
+    if fusion == "relu, exact zeros":  # integers, each channel's mean exactly 1
         rows, half = x.reshape(-1, c), len(x.reshape(-1, c)) // 2
         rows[:half] = rng.integers(-3, 6, (half, c))
         rows[half : 2 * half], rows[2 * half :] = 2 - rows[:half], 1
     d = rng.standard_normal(shape).astype(np.float32)
     add = rng.standard_normal(shape).astype(np.float32) if fusion == "sum+relu" else None
+    if sums == "spans":
+        monkeypatch.setattr(BatchNorm, "sum_span", lambda self: wide_span(self.c))
     states = []
     for loops in (True, False):
         bn = BatchNorm(np, c, affine=affine)
@@ -367,6 +372,22 @@ def test_the_batchnorm_loops_give_the_array_codes_bits(shape, affine, train, fus
     for got, want in zip(*states):
         assert got.dtype == want.dtype
         assert got.tobytes() == want.tobytes()
+
+
+def test_the_two_orders_of_batchnorms_sums_agree_to_float64_rounding():
+    """Row order and spans of 64 values: the same float64 sums but for their last bits, each
+    within 1e-12 of the exact sum (math.fsum)."""
+    import math as m
+
+    from scoretrain.nn.layers import wide_span
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((64, 28, 28, 8)) * 5 + 2).astype(np.float32)
+    bn = BatchNorm(np, 8)
+    exact = np.array([m.fsum(x[..., ch].astype(np.float64).ravel()) for ch in range(8)])
+    for span in (8, wide_span(8)):
+        assert np.abs(bn.channel_sum(x, span) - exact).max() <= 1e-12 * np.abs(x).sum()
+    assert not np.array_equal(bn.channel_sum(x, 8), bn.channel_sum(x, wide_span(8)))  # two orders, other last bits
 
 
 @pytest.mark.parametrize("train", [True, False])

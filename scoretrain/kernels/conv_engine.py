@@ -6,16 +6,21 @@ channels last; weights [out, kh, kw, in]), for any kernel, stride and zero paddi
     forward(conv, x, w) -> (y, kept)               y [N, Ho, Wo, out]; kept: what backward needs
     backward(conv, d, kept, w, dw, need_dx) -> dx   dL/dw written into dw; dx None unless need_dx
     describe() -> str                               the engine and its library versions (run.h5)
+    bn_sums                                         how the conv nets' BatchNorms sum: "rows" or "spans"
 
 `conv` is the layer (nn/layers.py Conv2d: k, stride, pad, and its im2col code).
 
 - `im2col` is the readable reference and the default where no engine is installed: patches and
-  a GEMM, the layer's own code (Conv2d.im2col_forward / im2col_backward), on NumPy or CuPy.
+  a GEMM, the layer's own code (Conv2d.im2col_forward / im2col_backward), on NumPy or CuPy. Its
+  BatchNorms sum each channel in row order, the reference's bits (`bn_sums = "rows"`).
 - `torch` runs PyTorch's kernels on the same memory, without a copy: an NHWC array is a
   channels-last NCHW tensor (x.permute(0, 3, 1, 2) of its zero-copy view), the [out, kh, kw, in]
   weights a channels-last [out, in, kh, kw] one, and the outputs PyTorch gives for channels-last
   inputs are NHWC arrays again. On the CPU that is oneDNN; CuPy arrays go through DLPack to
-  cuDNN, deterministic algorithms only, on CuPy's current stream.
+  cuDNN, deterministic algorithms only, on CuPy's current stream. Its BatchNorms sum over spans
+  of 64 values (`bn_sums = "spans"`: interleaved float64 partial sums, which vectorize where a
+  row of 8 or 16 channels does not), the rest of the step at the pace of its convs: other bits
+  than im2col's, as its convs give.
 
 The run chooses one (`resolve`) and trains with it (`using`); a network built outside a run
 computes with im2col. `auto` takes torch on the CPU where PyTorch is installed. On a GPU it
@@ -40,6 +45,7 @@ class Im2col:
     """The reference: the layer's im2col patches and GEMMs (NumPy or CuPy)."""
 
     name = "im2col"
+    bn_sums = "rows"
 
     def forward(self, conv, x, w):
         return conv.im2col_forward(x, w)
@@ -67,6 +73,7 @@ class Torch:
     views of the arrays: torch.from_numpy on NumPy, DLPack on CuPy (and on the tests' stand-in)."""
 
     name = "torch"
+    bn_sums = "spans"
 
     def __init__(self, xp, torch):
         self.xp, self.torch = xp, torch

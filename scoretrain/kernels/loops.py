@@ -363,14 +363,14 @@ def col2im(dcols, stride, pad, dx):
                         o += cu
 
 
-# BatchNorm's passes over [m, c] (flat, channels last). The sums run a row at a time, each
-# channel's in row order (a float64 chain per channel, the array code's order); indices are
-# unsigned (as in score_step) and the sums local arrays, written back at the end: both let the
-# loops over a row's channels vectorize. The elementwise passes run over spans of whole rows of
-# at least LANES values, the per-channel values repeated across the span (`_spread`): a row of
-# 8 or 16 channels is too short a loop to vectorize, a span of 64 values is not.
-
-LANES = 64
+# BatchNorm's passes over [m, c] (flat, channels last), a span of whole rows at a time: `span`
+# values, c of them (one row) or more. The per-channel values are repeated across the span
+# (`_spread`), so each pass is a loop over a span, which vectorizes where a row of 8 or 16
+# channels is too short a loop to. The sums are float64, one per value of the span, each summed
+# over the spans in order, and a channel's are added in the order of the span at the end: with
+# span = c, each channel's sum in row order, the order of the array code's
+# x.reshape(-1, c).sum(0, dtype=float64); with wider spans, span / c interleaved partial sums per
+# channel (BatchNorm.sum_span). Indices are unsigned (as in score_step).
 
 
 @jit
@@ -382,35 +382,36 @@ def _spread(a, span):
     return out
 
 
-@numba.njit(inline="always")
-def _span(c):
-    """The whole rows of c channels that hold at least LANES values."""
-    return c * max(1, -(-LANES // c))
+@jit
+def _by_channel(lanes, c, sums):
+    """sums += each channel's lanes (every c-th value of the span), in the order of the span."""
+    for j in range(lanes.size):
+        sums[j % c] += lanes[j]
 
 
 @jit
-def channel_sums(x, c, mean, sums):
-    """BatchNorm's float64 sums per channel, each in row order, the order of the array code's
-    x.reshape(-1, c).sum(0, dtype=float64): with mean None, sums[0] = sum x; with mean (float32),
-    sums[0] = sum (x - mean)^2, the square rounded to float32 first."""
-    acc, cu = np.zeros(c), np.uint64(c)
-    for i in range(0, x.size, c):
-        row = np.uint64(i)
-        for ch in range(cu):
-            v = x[row + ch]
+def channel_sums(x, c, span, mean, sums):
+    """BatchNorm's float64 sums per channel: with mean None, sums[0] = sum x; with mean (float32),
+    sums[0] = sum (x - mean)^2, the square rounded to float32 first. sums starts at 0."""
+    acc = np.zeros(span)
+    if mean is not None:
+        m = _spread(mean, span)
+    for start in range(0, x.size, span):
+        at = np.uint64(start)
+        for j in range(np.uint64(min(span, x.size - start))):
+            v = x[at + j]
             if mean is not None:
-                v = v - mean[ch]
+                v = v - m[j]
                 v = v * v
-            acc[ch] += np.float64(v)
-    sums[0, :] = acc
+            acc[j] += np.float64(v)
+    _by_channel(acc, c, sums[0])
 
 
 @jit
-def normalize(x, c, mean, inv, gamma, beta, add, relu, out):
+def normalize(x, c, span, mean, inv, gamma, beta, add, relu, out):
     """out = (x - mean) * inv, then with gamma and beta * gamma + beta, then with add (an array)
     + add, then with relu (True; None: not) np.maximum(out, 0): BatchNorm.forward's float32
     operations, per channel, and a residual block's sum and the ReLU after it in the same pass."""
-    span = _span(c)
     m, v = _spread(mean, span), _spread(inv, span)
     if gamma is not None:
         g, b = _spread(gamma, span), _spread(beta, span)
@@ -441,35 +442,38 @@ def _through_relu(d, y):
 
 
 @jit
-def normalize_backward_sums(d, x, c, mean, inv, gamma, beta, relu, sums):
-    """BatchNorm.backward's sums in one pass, in row order as channel_sums: sums[0] = sum d * gamma,
-    sums[1] = sum d * gamma * xhat with xhat = (x - mean) * inv (gamma None: 1), and with gamma the
-    affine gradients' sums, sums[2] = sum d * xhat (dgamma), sums[3] = sum d (dbeta). With relu
-    (True; None: not), d is the gradient of the ReLU after the BatchNorm, taken through it first
-    (ReLU.backward's d * (y > 0), y the forward's output, computed again)."""
-    acc, cu = np.zeros((4, c)), np.uint64(c)
-    for i in range(0, x.size, c):
-        row = np.uint64(i)
-        for ch in range(cu):
-            g = d[row + ch]
-            xhat = (x[row + ch] - mean[ch]) * inv[ch]
+def normalize_backward_sums(d, x, c, span, mean, inv, gamma, beta, relu, sums):
+    """BatchNorm.backward's float64 sums per channel in one pass, as channel_sums: sums[0] = sum
+    d * gamma, sums[1] = sum d * gamma * xhat with xhat = (x - mean) * inv (gamma None: 1), and
+    with gamma the affine gradients' sums, sums[2] = sum d * xhat (dgamma), sums[3] = sum d
+    (dbeta). With relu (True; None: not), d is the gradient of the ReLU after the BatchNorm, taken
+    through it first (ReLU.backward's d * (y > 0), y the forward's output, computed again)."""
+    acc = np.zeros((4, span))
+    m, v = _spread(mean, span), _spread(inv, span)
+    if gamma is not None:
+        sg, sbeta = _spread(gamma, span), _spread(beta, span)
+    for start in range(0, x.size, span):
+        at = np.uint64(start)
+        for j in range(np.uint64(min(span, x.size - start))):
+            g = d[at + j]
+            xhat = (x[at + j] - m[j]) * v[j]
             if relu is not None:
-                g = _through_relu(g, xhat if gamma is None else xhat * gamma[ch] + beta[ch])
+                g = _through_relu(g, xhat if gamma is None else xhat * sg[j] + sbeta[j])
             if gamma is not None:
-                acc[2, ch] += np.float64(g * xhat)
-                acc[3, ch] += np.float64(g)
-                g = g * gamma[ch]
-            acc[0, ch] += np.float64(g)
-            acc[1, ch] += np.float64(g * xhat)
-    sums[...] = acc
+                acc[2, j] += np.float64(g * xhat)
+                acc[3, j] += np.float64(g)
+                g = g * sg[j]
+            acc[0, j] += np.float64(g)
+            acc[1, j] += np.float64(g * xhat)
+    for k in range(4):
+        _by_channel(acc[k], c, sums[k])
 
 
 @jit
-def normalize_backward(d, x, c, mean, inv, gamma, beta, relu, a, b, out):
+def normalize_backward(d, x, c, span, mean, inv, gamma, beta, relu, a, b, out):
     """out = (d * gamma - a - xhat * b) * inv, xhat = (x - mean) * inv (gamma None: 1): the
     batch-statistics gradient of BatchNorm, with a and b its per-channel sums over n; with relu,
     d taken through the ReLU after it first, as normalize_backward_sums."""
-    span = _span(c)
     m, v, sa, sb = _spread(mean, span), _spread(inv, span), _spread(a, span), _spread(b, span)
     if gamma is not None:
         sg, sbeta = _spread(gamma, span), _spread(beta, span)

@@ -184,10 +184,10 @@ class BatchNorm:
         """`relu`: with the ReLU that follows (np.maximum(y, 0)) in the same pass, and in the
         backward pass its gradient too. `add`: with a residual block's sum (y + add) before that
         ReLU, whose gradient the block takes itself (it needs the sum's output)."""
-        xp, c = self.xp, self.c
+        xp, c, span = self.xp, self.c, self.sum_span()
         loops = fused(xp, x, *([] if add is None else [add])) if xp is np else None  # numba: the same float32 and float64 operations
         if train:
-            mean, var = self.batch_statistics(x, loops)
+            mean, var = self.batch_statistics(x, span, loops)
             n, m = x.size // c, self.momentum
             self.mean *= 1 - m
             self.mean += (m * mean).astype(self.mean.dtype)
@@ -199,7 +199,7 @@ class BatchNorm:
         gamma, beta = self._affine(x.dtype)
         if loops:
             y = xp.empty_like(x)
-            loops.normalize(x.reshape(-1), c, mean, inv, gamma, beta, None if add is None else add.reshape(-1),
+            loops.normalize(x.reshape(-1), c, wide_span(c), mean, inv, gamma, beta, None if add is None else add.reshape(-1),
                             True if relu else None, y.reshape(-1))
         else:
             y = (x - mean) * inv
@@ -210,44 +210,58 @@ class BatchNorm:
                 y += add
             if relu:
                 xp.maximum(y, 0, out=y)
-        return y, (x, mean, inv, train, relu and add is None)
+        return y, (x, mean, inv, train, relu and add is None, span)
 
     def _affine(self, dtype):
         """gamma and beta in the data's dtype, (None, None) without `affine`."""
         return (self.gamma.astype(dtype), self.beta.astype(dtype)) if self.affine else (None, None)
 
-    def batch_statistics(self, x, loops=None):
+    def sum_span(self) -> int:
+        """How the channel sums run (kernels/loops.py), as the conv engine in use says (its
+        bn_sums): over spans of one row, each channel's sum in row order (`rows`: im2col, the
+        reference's bits), or of whole rows of at least SPAN_VALUES values (`spans`: span / c
+        interleaved partial sums per channel, added at the end; they vectorize at 8 channels)."""
+        return self.c if conv_engine.current().bn_sums == "rows" else wide_span(self.c)
+
+    def channel_sum(self, a, span: int):
+        """The float64 sum per channel of `a` (channels last), in the order of the loops' sums
+        over spans of `span` values (a last partial span as if padded with zeros)."""
+        flat = a.reshape(-1)
+        if flat.size % span:
+            flat = self.xp.concatenate([flat, self.xp.zeros(span - flat.size % span, flat.dtype)])
+        return flat.reshape(-1, span).sum(axis=0, dtype=np.float64).reshape(-1, self.c).sum(axis=0)
+
+    def batch_statistics(self, x, span: int, loops=None):
         """The batch's mean and biased variance per channel, in x's dtype. Each is a sum of
         N x H x W terms (100,352 for MNIST at batch 128): float32 sums of that many lose 1e-2 of
-        the gradient, so every one of BatchNorm's channel sums is accumulated in
-        float64, in row order. The variance is the mean square of x - mean (no cancellation of
+        the gradient, so every one of BatchNorm's channel sums is accumulated in float64
+        (channel_sum). The variance is the mean square of x - mean (no cancellation of
         E[x^2] - E[x]^2)."""
         c, n = self.c, x.size // self.c
         if loops:
             sums = np.zeros((1, c))
-            loops.channel_sums(x.reshape(-1), c, None, sums)
+            loops.channel_sums(x.reshape(-1), c, span, None, sums)
             mean = (sums[0] / n).astype(x.dtype)
             sums[...] = 0
-            loops.channel_sums(x.reshape(-1), c, mean, sums)
+            loops.channel_sums(x.reshape(-1), c, span, mean, sums)
             return mean, (sums[0] / n).astype(x.dtype)
-        rows = x.reshape(-1, c)
-        mean = (rows.sum(axis=0, dtype=np.float64) / n).astype(x.dtype)
-        centered = rows - mean
+        mean = (self.channel_sum(x, span) / n).astype(x.dtype)
+        centered = x.reshape(-1, c) - mean
         centered *= centered
-        return mean, (centered.sum(axis=0, dtype=np.float64) / n).astype(x.dtype)
+        return mean, (self.channel_sum(centered, span) / n).astype(x.dtype)
 
     def backward(self, d, cache, w_eff, grads, need_dx):
-        x, mean, inv, train, relu = cache  # x: its input (a ReLU after it works in place on its output)
+        x, mean, inv, train, relu, span = cache  # x: its input (a ReLU after it works in place on its output)
         c, n = self.c, d.size // self.c
         loops = fused(self.xp, d, x) if self.xp is np and train else None
         if loops:  # numba: the four sums in one pass, then dx in one more; the array code's bits
-            return self._backward_fused(loops, d, x, mean, inv, n, relu)
+            return self._backward_fused(loops, d, x, mean, inv, n, relu, span)
         xhat = (x - mean) * inv
         if relu:  # the ReLU's backward (d * (y > 0)), y its input as the forward computed it
             gamma, beta = self._affine(d.dtype)
             d = d * ((xhat * gamma + beta if self.affine else xhat) > 0)
         rows, xhat = d.reshape(-1, c), xhat.reshape(-1, c)
-        channel_sum = lambda a: a.sum(axis=0, dtype=np.float64).astype(d.dtype)  # noqa: E731 - as batch_statistics
+        channel_sum = lambda a: self.channel_sum(a, span).astype(d.dtype)  # noqa: E731
         if self.affine:
             self.dgamma[...] = channel_sum(rows * xhat)
             self.dbeta[...] = channel_sum(rows)
@@ -256,17 +270,26 @@ class BatchNorm:
             return (rows * inv).reshape(d.shape)
         return ((rows - channel_sum(rows) / n - xhat * (channel_sum(rows * xhat) / n)) * inv).reshape(d.shape)
 
-    def _backward_fused(self, loops, d, x, mean, inv, n, relu):
+    def _backward_fused(self, loops, d, x, mean, inv, n, relu, span):
         gamma, beta = self._affine(d.dtype)
-        relu = True if relu else None
-        sums = np.zeros((4, self.c))
-        loops.normalize_backward_sums(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, beta, relu, sums)
+        relu, c = True if relu else None, self.c
+        sums = np.zeros((4, c))
+        loops.normalize_backward_sums(d.reshape(-1), x.reshape(-1), c, span, mean, inv, gamma, beta, relu, sums)
         if self.affine:
             self.dgamma[...], self.dbeta[...] = sums[2].astype(d.dtype), sums[3].astype(d.dtype)
         a, b = sums[0].astype(d.dtype) / n, sums[1].astype(d.dtype) / n
         dx = np.empty_like(d)
-        loops.normalize_backward(d.reshape(-1), x.reshape(-1), self.c, mean, inv, gamma, beta, relu, a, b, dx.reshape(-1))
+        loops.normalize_backward(d.reshape(-1), x.reshape(-1), c, wide_span(c), mean, inv, gamma, beta, relu, a, b, dx.reshape(-1))
         return dx
+
+
+def wide_span(c: int) -> int:
+    """The whole rows of c channels that hold at least SPAN_VALUES values: BatchNorm's elementwise
+    passes run over such spans (and its sums, where the engine takes `spans`)."""
+    return c * max(1, -(-SPAN_VALUES // c))
+
+
+SPAN_VALUES = 64
 
 
 class GlobalAvgPool:
