@@ -416,12 +416,17 @@ def bench(
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the figures as JSON."),
     net: str = typer.Option("mlp", "--net", help="mlp: edge-popup against dense on MLPs; lenet, resnet20: the training step "
                             "of configs/mnist_NET.yaml, split by layer kind and phase."),
+    engine: str = typer.Option(None, "--conv-engine", help="With --net lenet or resnet20: auto, im2col or torch "
+                               "(train.conv_engine) instead of the config's."),
 ) -> None:
     """Measure seconds per epoch and samples/s of edge-popup and dense training (a benchmark, not a test)."""
     from .commands import bench as bench_mod  # only this command needs it
 
     if net not in bench_mod.NETS:
         raise ConfigError(f"--net: expected one of {', '.join(bench_mod.NETS)}, got {net!r}")
+    if engine is not None and (net == "mlp" or engine not in config_mod.CONV_ENGINES):
+        raise ConfigError(f"--conv-engine: expected one of {', '.join(config_mod.CONV_ENGINES)} with --net lenet or resnet20, "
+                          f"got {engine!r} with --net {net}")
     cfg = config_mod.validate(config_mod.Config(device=device))
     if net != "mlp":
         cfg = bench_mod.recipe(net)
@@ -431,7 +436,7 @@ def bench(
     if net == "mlp":
         results = bench_mod.run(backend, dd.x_train, dd.y_train, quick, console)
     else:
-        results = bench_mod.run_net(backend, dd.x_train, dd.y_train, net, quick, console)
+        results = bench_mod.run_net(backend, dd.x_train, dd.y_train, net, quick, console, engine)
     try:
         store.write_atomic(json_path, lambda p: p.write_text(json.dumps(results, indent=1)))
     except OSError as e:

@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 from scoretrain.data import datasets as data
 from scoretrain.cli import app
 from scoretrain.errors import DataError
+from scoretrain.kernels import conv_engine
+from scoretrain.run import store
 
 NAME, ARCHIVE = "cifar10", "cifar-10-python.tar.gz"
 N = 20  # images per batch
@@ -365,17 +367,21 @@ def test_an_explicit_root_without_the_archive_names_it(tmp_path):
 
 # ----------------------------------------------------------------------------- the shipped configs
 
+@pytest.mark.parametrize("engine", ["auto", "im2col"])
 @pytest.mark.parametrize("arch", ["conv2", "conv6", "conv8", "resnet18"])
-def test_shipped_cifar_config_trains_end_to_end_on_fixture_data(serve, batches, tmp_path, arch):
+def test_shipped_cifar_config_trains_end_to_end_on_fixture_data(serve, batches, tmp_path, arch, engine):
     """configs/cifar10_convN.yaml through `fit` (download, verify, augment, train, checkpoint)
-    and `eval`, on the fixture archive and a thin net: the smoke run of the CIFAR-10 path."""
+    and `eval`, on the fixture archive and a thin net, on each conv engine (auto: torch where
+    PyTorch is installed): the smoke run of the CIFAR-10 path."""
     serve(archive(batches), "good")
     config = Path(__file__).resolve().parent.parent / "configs" / f"cifar10_{arch}.yaml"
     runner = CliRunner()
     args = ["fit", str(config), "model.width=0.0625", "train.epochs=2", "train.batch_size=25", "device=cpu",
-            "--runs-dir", str(tmp_path / "runs"), "--name", "smoke"]
+            f"train.conv_engine={engine}", "--runs-dir", str(tmp_path / "runs"), "--name", "smoke"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(runner.invoke(app, ["eval", str(tmp_path / "runs" / "smoke"), "--json"]).output)
     assert out["epochs"] == 2 and out["matches_record"] is True and out["masks_match_scores"] is True
     assert out["test_samples"] == N
+    recorded = store.environments(store.load(tmp_path / "runs" / "smoke"))[0]["conv_engine"]
+    assert recorded == (conv_engine.resolve(engine, np).describe())

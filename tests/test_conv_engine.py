@@ -5,6 +5,7 @@ against finite differences; the engine's calls on the strict CuPy stand-in (no h
 CUDA graph capture); choosing an engine, recording it, and resuming on another. The torch tests
 skip where PyTorch is not installed."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,18 @@ def test_bench_net_shows_the_engine(tmp_path):
     result = runner.invoke(app, ["bench", "--net", "lenet", "--quick", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
     assert f"conv engine {engine.describe()}" in result.output and "conv forward" in result.output
+
+
+def test_bench_net_takes_another_engine_and_refuses_a_wrong_one(tmp_path):
+    result = runner.invoke(app, ["bench", "--net", "lenet", "--quick", "--device", "cpu", "--conv-engine", "im2col",
+                                 "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "conv engine im2col" in result.output
+    assert json.loads((tmp_path / "b.json").read_text())["net"]["conv_engine"] == "im2col"
+    for args in (["--net", "lenet", "--conv-engine", "cudnn"], ["--conv-engine", "im2col"]):
+        result = runner.invoke(app, ["bench", *args, "--device", "cpu", "--json", str(tmp_path / "c.json")])
+        assert result.exit_code == 2 and "--conv-engine: expected one of auto, im2col, torch" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.parametrize("bn", ["nonaffine", "affine", "none"])

@@ -1,6 +1,7 @@
 """Side by side, as docs/performance.md reports it: the resnet20 x0.5 step of `scoretrain bench --net
 resnet20` (its conv engine, train.conv_engine: auto) against the PyTorch peer (tools/torch_peer.py),
-and the LeNet step against another checkout's (`--baseline DIR`: the code before, im2col). Each
+and the LeNet step against another checkout's (`--baseline DIR`: the code before, im2col), and with
+`--im2col` both steps on this checkout's im2col engine too. Each
 command is its own process; the commands take turns for `--rounds` rounds, and each reports its
 best (noise only ever adds time). A benchmark, not a test. Run it alone on the machine, under the
 CPU lock where one is shared:
@@ -31,11 +32,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline", type=Path, help="a checkout of the code to compare LeNet against (e.g. a git worktree)")
+    p.add_argument("--im2col", action="store_true", help="also time both steps on this checkout's im2col engine")
     args = p.parse_args()
     py = sys.executable
-    bench = lambda net: [py, "-m", "scoretrain", "bench", "--net", net, "--device", "cpu", "--json", os.devnull]  # noqa: E731
+    bench = lambda net, *more: [py, "-m", "scoretrain", "bench", "--net", net, "--device", "cpu", "--json", os.devnull, *more]  # noqa: E731
     cases = {"resnet20: scoretrain": (bench("resnet20"), ROOT), "resnet20: PyTorch peer": ([py, "tools/torch_peer.py"], ROOT),
              "lenet: scoretrain": (bench("lenet"), ROOT)}
+    if args.im2col:
+        cases["resnet20: scoretrain im2col"] = (bench("resnet20", "--conv-engine", "im2col"), ROOT)
+        cases["lenet: scoretrain im2col"] = (bench("lenet", "--conv-engine", "im2col"), ROOT)
     if args.baseline:
         cases["resnet20: baseline"] = (bench("resnet20"), args.baseline.resolve())
         cases["lenet: baseline"] = (bench("lenet"), args.baseline.resolve())
@@ -50,6 +55,9 @@ def main():
     if args.baseline:
         print(f"resnet20 step, baseline / scoretrain: {best['resnet20: baseline'] / best['resnet20: scoretrain']:.2f}")
         print(f"lenet step (an epoch is 469 of them), baseline / scoretrain: {best['lenet: baseline'] / best['lenet: scoretrain']:.2f}")
+    if args.im2col:
+        for net in ("resnet20", "lenet"):
+            print(f"{net} step, im2col / the config's engine: {best[f'{net}: scoretrain im2col'] / best[f'{net}: scoretrain']:.2f}")
 
 
 if __name__ == "__main__":

@@ -204,11 +204,11 @@ def recipe(net: str) -> Config:
     return config_mod.load(path, [])
 
 
-def measure_net(backend: Backend, x, y, net_name: str, steps: int, rounds: int, split_steps: int) -> dict:
-    """The shipped config's training step as `fit` takes it, on its conv engine (train.conv_engine:
-    auto): its best round of `steps` steps, and where a step's time goes (layer_split)."""
+def measure_net(backend: Backend, x, y, net_name: str, steps: int, rounds: int, split_steps: int, engine_name: str | None = None) -> dict:
+    """The shipped config's training step as `fit` takes it, on its conv engine (train.conv_engine,
+    or `engine_name`): its best round of `steps` steps, and where a step's time goes (layer_split)."""
     cfg = recipe(net_name)
-    engine = conv_engine.resolve(cfg.train.conv_engine, backend.xp)
+    engine = conv_engine.resolve(engine_name or cfg.train.conv_engine, backend.xp)
     with conv_engine.using(engine):
         return {**_measure_net(backend, x, y, net_name, cfg, steps, rounds, split_steps), "conv_engine": engine.describe()}
 
@@ -314,12 +314,12 @@ def convs_alone(backend: Backend, net, xb, rounds: int) -> dict:
     return {"convs_alone": best, "convs_timed": len(seen)}
 
 
-def run_net(backend: Backend, x, y, net_name: str, quick: bool, console) -> dict:
+def run_net(backend: Backend, x, y, net_name: str, quick: bool, console, engine_name: str | None = None) -> dict:
     """The --net case: a line of figures, then its split as a table."""
     from rich.table import Table
 
     steps, rounds = (3, 2) if quick else (10, 5)
-    r = measure_net(backend, x, y, net_name, steps, rounds, min(steps, 5))
+    r = measure_net(backend, x, y, net_name, steps, rounds, min(steps, 5), engine_name)
     console.print(f"bench on {backend.name} ({backend.device}): configs/mnist_{net_name}.yaml ({r['method']} {r['arch']} "
                   f"x{r['width']:g}, batch {r['batch_size']}, lr {r['lr']:g}): {r['seconds_per_step']:.4f} s/step (best of {rounds} "
                   f"rounds of {steps}), {r['seconds_per_epoch']:.1f} s/epoch, {r['samples_per_second']:,.0f} samples/s"

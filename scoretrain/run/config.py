@@ -110,7 +110,7 @@ class TrainConfig:
     cuda_graph: bool = key(True, "on a GPU, replay the training step as CUDA graphs where the method and optimizer allow; no effect on the CPU")
     tensorboard: bool = key(False, "write each epoch's scalars as TensorBoard events to RUN_DIR/tensorboard (needs tensorboardX)")
     bn_recalibration: int = key(0, "recompute BatchNorm's running statistics from N training images before each epoch's measurement; 0: keep the moving averages")
-    conv_engine: str = key("auto", "what computes the convolutions: im2col (the reference: patches and a GEMM), torch (PyTorch's oneDNN kernels on the CPU, cuDNN on a GPU; the extra scoretrain[torch]) or auto (torch on the CPU where it is installed, else im2col); see docs/performance.md", CONV_ENGINES)
+    conv_engine: str = key("auto", "what computes the convolutions: im2col (the reference: patches and a GEMM; BatchNorm's sums in row order, the reference's bits), torch (PyTorch's oneDNN kernels on the CPU, cuDNN on a GPU, BatchNorm's sums over spans of 64 values; the extra scoretrain[torch]) or auto (torch on the CPU where it is installed, else im2col); see docs/performance.md", CONV_ENGINES)
 
 
 @dataclass
