@@ -383,6 +383,14 @@ def _spread(a, span):
 
 
 @jit
+def _spread_affine(gamma, beta, unused, span):
+    """gamma and beta spread as _spread does; without gamma (None), `unused` twice, never read."""
+    if gamma is None:
+        return unused, unused
+    return _spread(gamma, span), _spread(beta, span)
+
+
+@jit
 def _by_channel(lanes, c, sums):
     """sums += each channel's lanes (every c-th value of the span), in the order of the span."""
     for j in range(lanes.size):
@@ -413,8 +421,7 @@ def normalize(x, c, span, mean, inv, gamma, beta, add, relu, out):
     + add, then with relu (True; None: not) np.maximum(out, 0): BatchNorm.forward's float32
     operations, per channel, and a residual block's sum and the ReLU after it in the same pass."""
     m, v = _spread(mean, span), _spread(inv, span)
-    if gamma is not None:
-        g, b = _spread(gamma, span), _spread(beta, span)
+    g, b = _spread_affine(gamma, beta, m, span)
     for start in range(0, x.size, span):
         at = np.uint64(start)
         for j in range(np.uint64(min(span, x.size - start))):
@@ -436,9 +443,15 @@ def add_relu(a, b, out):
 
 
 @numba.njit(inline="always")
-def _through_relu(d, y):
-    """The ReLU's backward, d * (its output > 0), from y, the ReLU's input (the same sign)."""
-    return d * np.float32(y > 0)
+def _upstream(d, x, i, j, m, v, sg, sbeta, gamma, relu):
+    """(g, xhat) at value i, j its place in the span: xhat = (x - mean) * inv, and g = d, with relu
+    (True; None: not) taken through the ReLU after the BatchNorm first (ReLU.backward's
+    d * (y > 0), from y = xhat * gamma + beta, its input, computed again); not yet times gamma."""
+    xhat = (x[i] - m[j]) * v[j]
+    g = d[i]
+    if relu is not None:
+        g = g * np.float32((xhat if gamma is None else xhat * sg[j] + sbeta[j]) > 0)
+    return g, xhat
 
 
 @jit
@@ -450,15 +463,11 @@ def normalize_backward_sums(d, x, c, span, mean, inv, gamma, beta, relu, sums):
     through it first (ReLU.backward's d * (y > 0), y the forward's output, computed again)."""
     acc = np.zeros((4, span))
     m, v = _spread(mean, span), _spread(inv, span)
-    if gamma is not None:
-        sg, sbeta = _spread(gamma, span), _spread(beta, span)
+    sg, sbeta = _spread_affine(gamma, beta, m, span)
     for start in range(0, x.size, span):
         at = np.uint64(start)
         for j in range(np.uint64(min(span, x.size - start))):
-            g = d[at + j]
-            xhat = (x[at + j] - m[j]) * v[j]
-            if relu is not None:
-                g = _through_relu(g, xhat if gamma is None else xhat * sg[j] + sbeta[j])
+            g, xhat = _upstream(d, x, at + j, j, m, v, sg, sbeta, gamma, relu)
             if gamma is not None:
                 acc[2, j] += np.float64(g * xhat)
                 acc[3, j] += np.float64(g)
@@ -475,15 +484,11 @@ def normalize_backward(d, x, c, span, mean, inv, gamma, beta, relu, a, b, out):
     batch-statistics gradient of BatchNorm, with a and b its per-channel sums over n; with relu,
     d taken through the ReLU after it first, as normalize_backward_sums."""
     m, v, sa, sb = _spread(mean, span), _spread(inv, span), _spread(a, span), _spread(b, span)
-    if gamma is not None:
-        sg, sbeta = _spread(gamma, span), _spread(beta, span)
+    sg, sbeta = _spread_affine(gamma, beta, m, span)
     for start in range(0, x.size, span):
         at = np.uint64(start)
         for j in range(np.uint64(min(span, x.size - start))):
-            g = d[at + j]
-            xhat = (x[at + j] - m[j]) * v[j]
-            if relu is not None:
-                g = _through_relu(g, xhat if gamma is None else xhat * sg[j] + sbeta[j])
+            g, xhat = _upstream(d, x, at + j, j, m, v, sg, sbeta, gamma, relu)
             if gamma is not None:
                 g = g * sg[j]
             out[at + j] = (g - sa[j] - xhat * sb[j]) * v[j]
