@@ -283,13 +283,13 @@ class BatchNorm:
         return dx
 
 
+SPAN_VALUES = 64
+
+
 def wide_span(c: int) -> int:
     """The whole rows of c channels that hold at least SPAN_VALUES values: BatchNorm's elementwise
     passes run over such spans (and its sums, where the engine takes `spans`)."""
     return c * max(1, -(-SPAN_VALUES // c))
-
-
-SPAN_VALUES = 64
 
 
 class GlobalAvgPool:
